@@ -1,0 +1,391 @@
+//! Per-guest cgroups: limits and a reliable "kill everything of this guest".
+//!
+//! cgroup v2 first (real NixOS hosts are pure v2): `<v2 root>/berth/<guest>`
+//! with `memory.max` / `cpu.max`. On hybrid hosts (v1 controllers plus an empty
+//! cgroup2 at `/sys/fs/cgroup/unified`, like the build machine) the v2 group
+//! still exists — nspawn keeps its `supervisor`/`payload` children there and
+//! `cgroup.kill` works — and limits go to the v1 `memory` and `cpu`
+//! hierarchies, with a warning. Where neither has a controller, the limit is
+//! skipped with a warning, never a crash.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cgroup {path}: {op}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("cgroup {0}: processes still running after kill")]
+    StillPopulated(PathBuf),
+}
+
+fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Where the hierarchies are mounted on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// The cgroup2 mount, if any (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified`).
+    pub v2: Option<PathBuf>,
+    /// Controllers the v2 root offers to its children.
+    pub v2_controllers: Vec<String>,
+    /// v1 `memory` and `cpu` mounts, if any.
+    pub v1_memory: Option<PathBuf>,
+    pub v1_cpu: Option<PathBuf>,
+}
+
+impl Layout {
+    /// Reads the layout of this host under `/sys/fs/cgroup`.
+    pub fn detect() -> Layout {
+        let base = Path::new("/sys/fs/cgroup");
+        let v2 = [base.to_path_buf(), base.join("unified")]
+            .into_iter()
+            .find(|p| is_cgroup2(p));
+        let v2_controllers = v2
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p.join("cgroup.controllers")).ok())
+            .map(|s| s.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default();
+        let v1 = |c: &str| {
+            let p = base.join(c);
+            (v2.as_deref() != Some(base) && p.join("cgroup.procs").exists()).then_some(p)
+        };
+        Layout {
+            v1_memory: v1("memory"),
+            v1_cpu: v1("cpu"),
+            v2,
+            v2_controllers,
+        }
+    }
+
+    fn v2_has(&self, controller: &str) -> bool {
+        self.v2_controllers.iter().any(|c| c == controller)
+    }
+}
+
+fn is_cgroup2(p: &Path) -> bool {
+    nix::sys::statfs::statfs(p)
+        .map(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC)
+        .unwrap_or(false)
+}
+
+/// The cgroups of one guest.
+#[derive(Debug, Clone)]
+pub struct Cgroup {
+    pub layout: Layout,
+    /// `<v2>/berth/<guest>`
+    pub v2: Option<PathBuf>,
+    pub v1_memory: Option<PathBuf>,
+    pub v1_cpu: Option<PathBuf>,
+}
+
+impl Cgroup {
+    /// Paths for guest `name` on this host (no IO beyond layout detection).
+    pub fn for_guest(name: &str) -> Cgroup {
+        Cgroup::with_layout(Layout::detect(), name)
+    }
+
+    pub fn with_layout(layout: Layout, name: &str) -> Cgroup {
+        let at = |root: &Option<PathBuf>| root.as_ref().map(|r| r.join("berth").join(name));
+        Cgroup {
+            v2: at(&layout.v2),
+            v1_memory: at(&layout.v1_memory),
+            v1_cpu: at(&layout.v1_cpu),
+            layout,
+        }
+    }
+
+    fn dirs(&self) -> impl Iterator<Item = &PathBuf> {
+        self.v2
+            .iter()
+            .chain(self.v1_memory.iter())
+            .chain(self.v1_cpu.iter())
+    }
+
+    /// Creates the groups (idempotent) and enables the v2 controllers berth
+    /// uses for children of `berth/`.
+    pub fn create(&self) -> Result<(), CgroupError> {
+        if let (Some(root), Some(_)) = (&self.layout.v2, &self.v2) {
+            let parent = root.join("berth");
+            std::fs::create_dir_all(&parent).map_err(io(&parent, "create"))?;
+            let wanted: Vec<&str> = ["memory", "cpu", "pids"]
+                .into_iter()
+                .filter(|c| self.layout.v2_has(c))
+                .collect();
+            for c in &wanted {
+                // The root must delegate a controller before `berth/` can.
+                let _ = write_file(&root.join("cgroup.subtree_control"), &format!("+{c}"));
+                let p = parent.join("cgroup.subtree_control");
+                write_file(&p, &format!("+{c}")).map_err(io(&p, "enable controller"))?;
+            }
+        }
+        for d in self.dirs() {
+            std::fs::create_dir_all(d).map_err(io(d, "create"))?;
+        }
+        Ok(())
+    }
+
+    /// Applies memory (bytes) and CPU (in CPUs) limits. Returns warnings for
+    /// limits this host cannot enforce.
+    pub fn set_limits(
+        &self,
+        memory: Option<u64>,
+        cpus: Option<f64>,
+    ) -> Result<Vec<String>, CgroupError> {
+        let mut warnings = Vec::new();
+        if let Some(bytes) = memory {
+            match (&self.v2, &self.v1_memory) {
+                (Some(d), _) if self.layout.v2_has("memory") => {
+                    let p = d.join("memory.max");
+                    write_file(&p, &bytes.to_string()).map_err(io(&p, "set memory.max"))?;
+                    let p = d.join("memory.swap.max");
+                    let _ = write_file(&p, "0");
+                }
+                (_, Some(d)) => {
+                    let p = d.join("memory.limit_in_bytes");
+                    write_file(&p, &bytes.to_string())
+                        .map_err(io(&p, "set memory.limit_in_bytes"))?;
+                    warnings.push("cgroup v2 has no memory controller here; memory limit set through cgroup v1".into());
+                }
+                _ => warnings.push(
+                    "no memory cgroup controller on this host; memory limit not enforced".into(),
+                ),
+            }
+        }
+        if let Some(cpus) = cpus {
+            let quota = ((cpus * CPU_PERIOD_US as f64).round() as u64).max(1000);
+            match (&self.v2, &self.v1_cpu) {
+                (Some(d), _) if self.layout.v2_has("cpu") => {
+                    let p = d.join("cpu.max");
+                    write_file(&p, &format!("{quota} {CPU_PERIOD_US}"))
+                        .map_err(io(&p, "set cpu.max"))?;
+                }
+                (_, Some(d)) => {
+                    let p = d.join("cpu.cfs_period_us");
+                    write_file(&p, &CPU_PERIOD_US.to_string())
+                        .map_err(io(&p, "set cpu.cfs_period_us"))?;
+                    let p = d.join("cpu.cfs_quota_us");
+                    write_file(&p, &quota.to_string()).map_err(io(&p, "set cpu.cfs_quota_us"))?;
+                    warnings.push(
+                        "cgroup v2 has no cpu controller here; CPU limit set through cgroup v1"
+                            .into(),
+                    );
+                }
+                _ => warnings
+                    .push("no cpu cgroup controller on this host; CPU limit not enforced".into()),
+            }
+        }
+        Ok(warnings)
+    }
+
+    /// The memory limit in force, read back from the kernel.
+    pub fn memory_limit(&self) -> Option<u64> {
+        let v2 = self
+            .v2
+            .as_ref()
+            .filter(|_| self.layout.v2_has("memory"))
+            .map(|d| d.join("memory.max"));
+        let v1 = self
+            .v1_memory
+            .as_ref()
+            .map(|d| d.join("memory.limit_in_bytes"));
+        v2.into_iter()
+            .chain(v1)
+            .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+    }
+
+    /// Opens every `cgroup.procs` for writing, so a child can join them between
+    /// fork and exec with nothing but `write(2)` (see [`join_from_pre_exec`]).
+    pub fn procs_files(&self) -> Result<Vec<File>, CgroupError> {
+        self.dirs()
+            .map(|d| {
+                let p = d.join("cgroup.procs");
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .map_err(io(&p, "open"))
+            })
+            .collect()
+    }
+
+    /// Every process in the guest's groups, including v2 child groups.
+    pub fn pids(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        for d in self.dirs() {
+            collect_pids(d, &mut out);
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Kills every process of the guest and waits until none is left.
+    pub fn kill_all(&self, wait: Duration) -> Result<(), CgroupError> {
+        if let Some(d) = &self.v2 {
+            if d.exists() {
+                // cgroup.kill (Linux 5.14) kills the whole subtree atomically,
+                // including processes forked while we look.
+                let _ = write_file(&d.join("cgroup.kill"), "1");
+            }
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            let pids = self.pids();
+            if pids.is_empty() {
+                return Ok(());
+            }
+            for pid in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if Instant::now() > deadline {
+                let d = self.dirs().next().cloned().unwrap_or_default();
+                return Err(CgroupError::StillPopulated(d));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Removes the groups (children first). Missing groups are fine.
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        for d in self.dirs() {
+            remove_tree(d)?;
+        }
+        Ok(())
+    }
+
+    /// True if any of the guest's group directories exists.
+    pub fn exists(&self) -> bool {
+        self.dirs().any(|d| d.exists())
+    }
+}
+
+/// Joins the calling process to every group in `fds` by writing "0" to each.
+/// Only async-signal-safe calls: meant for `CommandExt::pre_exec`.
+pub fn join_from_pre_exec(fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
+    for &fd in fds {
+        // SAFETY: `fd` is an open descriptor owned by the parent for the whole
+        // fork/exec window; write(2) with a valid 1-byte buffer is
+        // async-signal-safe.
+        let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn write_file(p: &Path, s: &str) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new().write(true).open(p)?;
+    f.write_all(s.as_bytes())
+}
+
+fn collect_pids(d: &Path, out: &mut Vec<i32>) {
+    if let Ok(s) = std::fs::read_to_string(d.join("cgroup.procs")) {
+        out.extend(s.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    if let Ok(rd) = std::fs::read_dir(d) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                collect_pids(&e.path(), out);
+            }
+        }
+    }
+}
+
+fn remove_tree(d: &Path) -> Result<(), CgroupError> {
+    let rd = match std::fs::read_dir(d) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(CgroupError::Io {
+                path: d.to_path_buf(),
+                op: "list",
+                source: e,
+            });
+        }
+    };
+    for e in rd.flatten() {
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            remove_tree(&e.path())?;
+        }
+    }
+    match std::fs::remove_dir(d) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CgroupError::Io {
+            path: d.to_path_buf(),
+            op: "remove",
+            source: e,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_on_pure_v2_host() {
+        let l = Layout {
+            v2: Some("/sys/fs/cgroup".into()),
+            v2_controllers: vec!["memory".into(), "cpu".into()],
+            v1_memory: None,
+            v1_cpu: None,
+        };
+        let c = Cgroup::with_layout(l, "db1");
+        assert_eq!(c.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/berth/db1")));
+        assert!(c.v1_memory.is_none());
+    }
+
+    #[test]
+    fn paths_on_hybrid_host() {
+        let l = Layout {
+            v2: Some("/sys/fs/cgroup/unified".into()),
+            v2_controllers: vec![],
+            v1_memory: Some("/sys/fs/cgroup/memory".into()),
+            v1_cpu: Some("/sys/fs/cgroup/cpu".into()),
+        };
+        let c = Cgroup::with_layout(l, "db1");
+        assert_eq!(
+            c.v2.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/unified/berth/db1"))
+        );
+        assert_eq!(
+            c.v1_memory.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/memory/berth/db1"))
+        );
+        assert_eq!(c.dirs().count(), 3);
+    }
+
+    #[test]
+    fn no_cgroups_means_warnings_not_errors() {
+        let l = Layout {
+            v2: None,
+            v2_controllers: vec![],
+            v1_memory: None,
+            v1_cpu: None,
+        };
+        let c = Cgroup::with_layout(l, "x");
+        let w = c.set_limits(Some(1 << 27), Some(1.0)).expect("limits");
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(c.pids().is_empty());
+        c.remove().expect("remove nothing");
+    }
+}

@@ -1,0 +1,130 @@
+//! systemd-nspawn command line for one container (pure).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::init::{INIT_IN_GUEST, SYNC_IN_GUEST};
+
+/// Everything the argv depends on.
+#[derive(Debug, Clone)]
+pub struct NspawnConfig {
+    /// Machine name, `berth-<guest>`.
+    pub machine: String,
+    pub rootfs: PathBuf,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Host path of the static init helper.
+    pub init: PathBuf,
+    /// Host directory bind-mounted read-only at `/.berth` (holds `ready`).
+    pub sync_dir: PathBuf,
+    /// Register with systemd-machined (only when systemd and D-Bus run).
+    pub register: bool,
+}
+
+/// The argument vector, program first.
+pub fn nspawn_argv(c: &NspawnConfig) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "systemd-nspawn".into(),
+        "--quiet".into(),
+        format!("--machine={}", c.machine),
+        format!("--directory={}", c.rootfs.display()),
+        // Private user namespace with an ID range nspawn picks; the rootfs is
+        // id-mapped, not chowned, so one rootfs can back many containers.
+        "--private-users=pick".into(),
+        // A network namespace of its own with only `lo`; berth adds the veth.
+        "--private-network".into(),
+        "--console=pipe".into(),
+        "--kill-signal=SIGTERM".into(),
+        format!("--bind-ro={}:{}", c.init.display(), INIT_IN_GUEST),
+        format!("--bind-ro={}:{}", c.sync_dir.display(), SYNC_IN_GUEST),
+    ];
+    if c.register {
+        v.push("--register=yes".into());
+    } else {
+        v.push("--register=no".into());
+        v.push("--keep-unit".into());
+    }
+    for (k, val) in &c.env {
+        v.push(format!("--setenv={k}={val}"));
+    }
+    v.push("--".into());
+    v.push(INIT_IN_GUEST.into());
+    v.extend(c.command.iter().cloned());
+    v
+}
+
+/// Environment nspawn needs on hybrid cgroup hosts (see DESIGN.md): without
+/// it nspawn dies with "Failed to determine whether the unified cgroups
+/// hierarchy is used".
+pub fn nspawn_env() -> Vec<(&'static str, &'static str)> {
+    vec![("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1")]
+}
+
+/// True when systemd is PID 1 and the system bus is reachable, so nspawn can
+/// register the machine with machined (`machinectl` then lists it).
+pub fn systemd_available() -> bool {
+    systemd_available_at(Path::new("/"))
+}
+
+fn systemd_available_at(root: &Path) -> bool {
+    root.join("run/systemd/system").is_dir() && root.join("run/dbus/system_bus_socket").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(register: bool) -> NspawnConfig {
+        NspawnConfig {
+            machine: "berth-db1".into(),
+            rootfs: "/var/lib/berth/rootfs/busybox".into(),
+            command: vec!["/bin/sh".into(), "-c".into(), "httpd -f -p 80".into()],
+            env: BTreeMap::from([("A".into(), "b c".into())]),
+            init: "/var/lib/berth/lib/berth-init".into(),
+            sync_dir: "/var/lib/berth/guests/db1/sync".into(),
+            register,
+        }
+    }
+
+    #[test]
+    fn argv_runs_command_through_init_in_private_namespaces() {
+        let v = nspawn_argv(&cfg(false));
+        assert_eq!(v[0], "systemd-nspawn");
+        for want in [
+            "--machine=berth-db1",
+            "--directory=/var/lib/berth/rootfs/busybox",
+            "--private-users=pick",
+            "--private-network",
+            "--register=no",
+            "--keep-unit",
+            "--setenv=A=b c",
+            "--bind-ro=/var/lib/berth/lib/berth-init:/.berth-init",
+            "--bind-ro=/var/lib/berth/guests/db1/sync:/.berth",
+        ] {
+            assert!(v.iter().any(|a| a == want), "missing {want} in {v:?}");
+        }
+        let dd = v.iter().position(|a| a == "--").expect("--");
+        assert_eq!(
+            &v[dd + 1..],
+            ["/.berth-init", "/bin/sh", "-c", "httpd -f -p 80"]
+        );
+    }
+
+    #[test]
+    fn argv_registers_when_systemd_runs() {
+        let v = nspawn_argv(&cfg(true));
+        assert!(v.iter().any(|a| a == "--register=yes"));
+        assert!(!v.iter().any(|a| a == "--keep-unit"));
+    }
+
+    #[test]
+    fn systemd_detection_needs_both_markers() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert!(!systemd_available_at(d.path()));
+        std::fs::create_dir_all(d.path().join("run/systemd/system")).expect("mkdir");
+        assert!(!systemd_available_at(d.path()));
+        std::fs::create_dir_all(d.path().join("run/dbus")).expect("mkdir");
+        std::fs::write(d.path().join("run/dbus/system_bus_socket"), "").expect("touch");
+        assert!(systemd_available_at(d.path()));
+    }
+}
