@@ -1,14 +1,234 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! The berth spec: serde types for the spec file (TOML or JSON, one schema),
+//! loading and parsing with file:line:column errors, the JSON schema, and
+//! validation into a typed [`Desired`] state.
+//!
+//! Nothing here touches the host except [`load`], which reads the spec file.
+//! Host facts validation needs (does the rootfs exist, does the uplink
+//! interface exist) come through a [`HostProbe`] the caller passes in.
+//!
+//! ```toml
+//! [host]
+//! uplink = "eth0"
+//! subnet4 = "10.0.0.0/24"
+//!
+//! [guest.db1]
+//! kind = "container"
+//! index = 2
+//! rootfs = "/var/lib/berth/rootfs/busybox"
+//! memory = "128M"
+//! ```
+
+mod error;
+mod size;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use error::{SpecError, format_errors};
+pub use size::{ByteSize, ParseSizeError};
+pub use validate::{
+    DEFAULT_COMMAND, DEFAULT_STOP_TIMEOUT_MS, Desired, Guest, Host, HostProbe, MIN_MEMORY, NoProbe,
+    parse_duration_ms, validate,
+};
+
+/// Default for `host.max_guests`.
+pub const DEFAULT_MAX_GUESTS: u32 = 64;
+
+/// A whole spec file.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// Host-wide network settings.
+    pub host: HostSpec,
+    /// Guests by name (1-32 characters of `a-z`, `0-9`, `-`; not starting with `-`).
+    #[serde(default)]
+    pub guest: BTreeMap<String, GuestSpec>,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The `[host]` table.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HostSpec {
+    /// Interface NAT goes out of, e.g. "eth0".
+    pub uplink: String,
+    /// IPv4 network for guest links, e.g. "10.0.0.0/24". The host uses the
+    /// network address on every guest link; guest `i` gets network + i.
+    pub subnet4: String,
+    /// Optional IPv6 network, e.g. "fd42:b:e:1::/64"; guest `i` gets network + i.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<String>,
+    /// Most guests this host runs; indexes go from 1 to max_guests - 1. Default 64.
+    #[serde(default = "default_max_guests")]
+    pub max_guests: u32,
+}
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+fn default_max_guests() -> u32 {
+    DEFAULT_MAX_GUESTS
+}
+
+/// One `[guest.NAME]` table.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GuestSpec {
+    /// "container" or "vm".
+    pub kind: GuestKind,
+    /// Picks the guest's addresses and link name (`vb{index}`); 1..max_guests-1, unique.
+    pub index: u32,
+    /// Root directory of a container (absolute; needs /usr and /etc/os-release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<PathBuf>,
+    /// Command run in the guest; default ["/sbin/init"].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Memory limit: bytes, or a string like "128M" (1024-based). At least 4M.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ByteSize>,
+    /// CPU quota in CPUs, e.g. 1.5 (> 0, <= 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// Start the guest on apply and at daemon start. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<bool>,
+    /// Restart policy; default "on-failure".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartPolicy>,
+    /// Environment of the guest's command.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// How long a stop waits before killing, e.g. "500ms", "10s", "2m" (1ms..1h). Default "10s".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_timeout: Option<String>,
+}
+
+/// What runs the guest.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestKind {
+    /// A systemd-nspawn container.
+    Container,
+    /// A QEMU virtual machine (not supported by this build yet).
+    Vm,
+}
+
+impl std::fmt::Display for GuestKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GuestKind::Container => "container",
+            GuestKind::Vm => "vm",
+        })
     }
+}
+
+/// When the supervisor restarts a guest whose command exited.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// After any exit.
+    Always,
+    /// After a non-zero exit or a signal.
+    #[default]
+    OnFailure,
+    /// Never.
+    Never,
+}
+
+impl std::fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        })
+    }
+}
+
+/// Spec file syntax.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Toml,
+    Json,
+}
+
+impl Format {
+    /// Picks the format from the file extension (`.toml`, `.json`).
+    pub fn from_path(path: &Path) -> Result<Format, SpecError> {
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        match ext.to_ascii_lowercase().as_str() {
+            "toml" => Ok(Format::Toml),
+            "json" => Ok(Format::Json),
+            "nix" => Err(SpecError::Unsupported {
+                file: path.to_path_buf(),
+                reason: "Nix specs are not supported yet; evaluate with `nix eval --json` and pass the JSON".into(),
+            }),
+            "" => Err(SpecError::Unsupported {
+                file: path.to_path_buf(),
+                reason: "spec file has no extension; supported are .toml and .json".into(),
+            }),
+            other => Err(SpecError::Unsupported {
+                file: path.to_path_buf(),
+                reason: format!(
+                    "unsupported spec file extension `.{other}`; supported are .toml and .json"
+                ),
+            }),
+        }
+    }
+}
+
+/// Parses spec text. `file` is only used in error messages.
+pub fn parse(text: &str, format: Format, file: &Path) -> Result<Spec, SpecError> {
+    match format {
+        Format::Toml => toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            SpecError::Parse {
+                file: file.to_path_buf(),
+                line,
+                column,
+                message: e.message().trim_end().to_string(),
+            }
+        }),
+        Format::Json => serde_json::from_str(text).map_err(|e| {
+            let (line, column) = (e.line(), e.column());
+            let full = e.to_string();
+            let suffix = format!(" at line {line} column {column}");
+            let message = full.strip_suffix(&suffix).unwrap_or(&full).to_string();
+            SpecError::Parse {
+                file: file.to_path_buf(),
+                line,
+                column,
+                message,
+            }
+        }),
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+/// Reads and parses a spec file; the format comes from its extension.
+pub fn load(path: &Path) -> Result<Spec, SpecError> {
+    let format = Format::from_path(path)?;
+    let text = std::fs::read_to_string(path).map_err(|source| SpecError::Io {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, format, path)
+}
+
+/// JSON schema of [`Spec`] (for editors and the API docs).
+pub fn json_schema() -> serde_json::Value {
+    schemars::schema_for!(Spec).to_value()
 }

@@ -1,0 +1,609 @@
+//! Validation: [`Spec`] -> [`Desired`], reporting every problem at once.
+//!
+//! Addressing: the host uses the network address of `subnet4` (and of
+//! `subnet6`) as a /32 (/128) on every guest link; guest `i` gets network + i.
+//! Indexes run from 1 to `max_guests - 1`, so a subnet with `h` host bits can
+//! serve `max_guests <= 2^h - 1` (this also keeps the IPv4 broadcast address
+//! unused).
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+
+use crate::{ByteSize, GuestKind, GuestSpec, HostSpec, RestartPolicy, Spec, SpecError};
+
+/// Command run when a guest does not set one.
+pub const DEFAULT_COMMAND: &str = "/sbin/init";
+/// Stop timeout when a guest does not set one.
+pub const DEFAULT_STOP_TIMEOUT_MS: u64 = 10_000;
+/// Smallest memory limit accepted (4 MiB).
+pub const MIN_MEMORY: u64 = 4 << 20;
+const MAX_STOP_TIMEOUT_MS: u64 = 3_600_000;
+const MAX_MAX_GUESTS: u32 = 4096;
+const MAX_CPUS: f64 = 1024.0;
+
+/// Facts about the host that validation needs; the daemon/CLI pass a real
+/// one, tests a fake.
+pub trait HostProbe {
+    /// `p` exists and is a directory (following symlinks).
+    fn is_dir(&self, p: &Path) -> bool;
+    /// `p` exists (a dangling symlink counts: a rootfs may link into itself).
+    fn exists(&self, p: &Path) -> bool;
+    /// Whether a network interface of that name exists; `None` = cannot tell.
+    fn interface_exists(&self, name: &str) -> Option<bool>;
+}
+
+/// A probe that knows nothing: every path exists, interfaces are unknown.
+/// Use it for pure validation (e.g. checking a spec on another machine).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProbe;
+
+impl HostProbe for NoProbe {
+    fn is_dir(&self, _: &Path) -> bool {
+        true
+    }
+    fn exists(&self, _: &Path) -> bool {
+        true
+    }
+    fn interface_exists(&self, _: &str) -> Option<bool> {
+        None
+    }
+}
+
+/// The validated, typed spec: what the planner wants the host to look like.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub host: Host,
+    pub guests: BTreeMap<String, Guest>,
+}
+
+/// Validated host settings.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Host {
+    pub uplink: String,
+    pub subnet4: Ipv4Net,
+    pub subnet6: Option<Ipv6Net>,
+    pub max_guests: u32,
+}
+
+/// One validated guest with everything derived (link name, addresses) and
+/// every default filled in.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Guest {
+    pub name: String,
+    pub kind: GuestKind,
+    pub index: u32,
+    /// Host-side link name, `vb{index}`.
+    pub link: String,
+    /// Guest address: subnet4 network + index.
+    pub addr4: Ipv4Addr,
+    /// Host address on the link: the subnet4 network address.
+    pub host4: Ipv4Addr,
+    pub addr6: Option<Ipv6Addr>,
+    pub host6: Option<Ipv6Addr>,
+    pub rootfs: PathBuf,
+    pub command: Vec<String>,
+    /// Memory limit in bytes.
+    pub memory: Option<u64>,
+    pub cpus: Option<f64>,
+    pub autostart: bool,
+    pub restart: RestartPolicy,
+    pub env: BTreeMap<String, String>,
+    pub stop_timeout_ms: u64,
+}
+
+impl Guest {
+    /// The guest's addresses, IPv4 first: `["10.0.0.2", "fd42:b:e:1::2"]`.
+    pub fn addresses(&self) -> Vec<String> {
+        let mut v = vec![self.addr4.to_string()];
+        if let Some(a) = self.addr6 {
+            v.push(a.to_string());
+        }
+        v
+    }
+}
+
+impl Host {
+    /// Guest and host IPv4 addresses for an index.
+    pub fn addr4(&self, index: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.subnet4.network()).wrapping_add(index))
+    }
+
+    /// Guest IPv6 address for an index, if IPv6 is configured.
+    pub fn addr6(&self, index: u32) -> Option<Ipv6Addr> {
+        self.subnet6
+            .map(|n| Ipv6Addr::from(u128::from(n.network()).wrapping_add(u128::from(index))))
+    }
+}
+
+/// Parses a duration such as "500ms", "10s", "2m" or "1h" into milliseconds.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "invalid duration \"{s}\": use a whole number with a unit ms, s, m or h, e.g. \"500ms\", \"10s\", \"2m\""
+        )
+    };
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    if digits.is_empty() {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let mult = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    errors: Vec<SpecError>,
+}
+
+impl Ctx<'_> {
+    fn host(&mut self, field: &str, reason: impl Into<String>) {
+        self.errors.push(SpecError::Invalid {
+            file: self.file.to_path_buf(),
+            guest: None,
+            field: field.to_string(),
+            reason: reason.into(),
+        });
+    }
+
+    fn guest(&mut self, guest: &str, field: &str, reason: impl Into<String>) {
+        self.errors.push(SpecError::Invalid {
+            file: self.file.to_path_buf(),
+            guest: Some(guest.to_string()),
+            field: field.to_string(),
+            reason: reason.into(),
+        });
+    }
+}
+
+/// Checks a parsed spec against the rules and the host, returning the typed
+/// desired state or every error found (never just the first).
+pub fn validate(
+    spec: &Spec,
+    file: &Path,
+    probe: &dyn HostProbe,
+) -> Result<Desired, Vec<SpecError>> {
+    let mut cx = Ctx {
+        file,
+        errors: Vec::new(),
+    };
+    let host = validate_host(&mut cx, &spec.host, probe);
+    let max_guests = (1..=MAX_MAX_GUESTS)
+        .contains(&spec.host.max_guests)
+        .then_some(spec.host.max_guests);
+
+    let mut guests = BTreeMap::new();
+    for (name, g) in &spec.guest {
+        if let Some(guest) = validate_guest(&mut cx, name, g, max_guests, host.as_ref(), probe) {
+            guests.insert(name.clone(), guest);
+        }
+    }
+
+    // Index clashes: one error per extra guest on an index, naming the first.
+    let mut by_index: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+    for (name, g) in &spec.guest {
+        by_index.entry(g.index).or_default().push(name);
+    }
+    for (index, mut names) in by_index {
+        names.sort_unstable();
+        if let Some((first, rest)) = names.split_first() {
+            for other in rest {
+                cx.errors.push(SpecError::IndexClash {
+                    file: file.to_path_buf(),
+                    a: (*first).to_string(),
+                    b: (*other).to_string(),
+                    index,
+                });
+            }
+        }
+    }
+
+    match host {
+        Some(host) if cx.errors.is_empty() => Ok(Desired { host, guests }),
+        _ => Err(cx.errors),
+    }
+}
+
+fn validate_host(cx: &mut Ctx<'_>, h: &HostSpec, probe: &dyn HostProbe) -> Option<Host> {
+    let mut ok = true;
+    if h.uplink.is_empty() {
+        cx.host(
+            "host.uplink",
+            "must name the interface NAT goes out of, e.g. \"eth0\" (list them with `ip link`)",
+        );
+        ok = false;
+    } else if h.uplink.len() > 15
+        || h.uplink == "."
+        || h.uplink == ".."
+        || h.uplink
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        cx.host(
+            "host.uplink",
+            format!(
+                "`{}` is not a valid interface name (at most 15 characters, no '/', ':' or spaces)",
+                h.uplink
+            ),
+        );
+        ok = false;
+    } else if probe.interface_exists(&h.uplink) == Some(false) {
+        cx.host(
+            "host.uplink",
+            format!(
+                "interface `{}` does not exist on this host (list them with `ip link`)",
+                h.uplink
+            ),
+        );
+        ok = false;
+    }
+
+    let max_ok = (1..=MAX_MAX_GUESTS).contains(&h.max_guests);
+    if !max_ok {
+        cx.host(
+            "host.max_guests",
+            format!("{} is out of range; use 1..={MAX_MAX_GUESTS}", h.max_guests),
+        );
+        ok = false;
+    }
+
+    let subnet4 = match h.subnet4.parse::<Ipv4Net>() {
+        Err(_) => {
+            cx.host(
+                "host.subnet4",
+                format!(
+                    "\"{}\" is not an IPv4 network; use CIDR form like \"10.0.0.0/24\"",
+                    h.subnet4
+                ),
+            );
+            None
+        }
+        Ok(net) if net.trunc() != net => {
+            cx.host(
+                "host.subnet4",
+                format!(
+                    "{net} has host bits set; use {} (the network address)",
+                    net.trunc()
+                ),
+            );
+            None
+        }
+        Ok(net) => {
+            let host_bits = 32 - u32::from(net.prefix_len());
+            let fits = check_capacity(
+                cx,
+                "host.subnet4",
+                &net.to_string(),
+                host_bits,
+                32,
+                h.max_guests,
+                max_ok,
+            );
+            fits.then_some(net)
+        }
+    };
+
+    let subnet6 = match &h.subnet6 {
+        None => Some(None),
+        Some(s) => {
+            match s.parse::<Ipv6Net>() {
+                Err(_) => {
+                    cx.host(
+                        "host.subnet6",
+                        format!(
+                            "\"{s}\" is not an IPv6 network; use CIDR form like \"fd42:b:e:1::/64\""
+                        ),
+                    );
+                    None
+                }
+                Ok(net) if net.trunc() != net => {
+                    cx.host(
+                        "host.subnet6",
+                        format!(
+                            "{net} has host bits set; use {} (the network address)",
+                            net.trunc()
+                        ),
+                    );
+                    None
+                }
+                Ok(net) if net.prefix_len() > 126 => {
+                    cx.host(
+                    "host.subnet6",
+                    format!("{net} is too small; the prefix must be /126 or shorter (a /64 is usual)"),
+                );
+                    None
+                }
+                Ok(net) => {
+                    let host_bits = 128 - u32::from(net.prefix_len());
+                    let fits = check_capacity(
+                        cx,
+                        "host.subnet6",
+                        &net.to_string(),
+                        host_bits,
+                        128,
+                        h.max_guests,
+                        max_ok,
+                    );
+                    fits.then_some(Some(net))
+                }
+            }
+        }
+    };
+
+    match (ok, subnet4, subnet6) {
+        (true, Some(subnet4), Some(subnet6)) => Some(Host {
+            uplink: h.uplink.clone(),
+            subnet4,
+            subnet6,
+            max_guests: h.max_guests,
+        }),
+        _ => None,
+    }
+}
+
+/// A subnet with `host_bits` host bits holds `2^host_bits - 1` guest
+/// addresses (the network address is the host's); `max_guests` must fit.
+fn check_capacity(
+    cx: &mut Ctx<'_>,
+    field: &str,
+    net: &str,
+    host_bits: u32,
+    bits: u32,
+    max_guests: u32,
+    max_ok: bool,
+) -> bool {
+    if !max_ok || host_bits >= 32 {
+        return true;
+    }
+    let holds = (1u64 << host_bits) - 1;
+    if u64::from(max_guests) <= holds {
+        return true;
+    }
+    // Smallest h with 2^h - 1 >= max_guests.
+    let mut need = host_bits;
+    while (1u64 << need) - 1 < u64::from(max_guests) {
+        need += 1;
+    }
+    cx.host(
+        field,
+        format!(
+            "{net} holds {holds} guest addresses but max_guests is {max_guests}; use a /{} or larger, or lower max_guests",
+            bits - need
+        ),
+    );
+    false
+}
+
+/// `[a-z0-9][a-z0-9-]*`, 1..=32 characters.
+pub(crate) fn valid_guest_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    (1..=32).contains(&b.len())
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+}
+
+fn validate_guest(
+    cx: &mut Ctx<'_>,
+    name: &str,
+    g: &GuestSpec,
+    max_guests: Option<u32>,
+    host: Option<&Host>,
+    probe: &dyn HostProbe,
+) -> Option<Guest> {
+    let before = cx.errors.len();
+
+    if !valid_guest_name(name) {
+        cx.guest(
+            name,
+            "name",
+            "guest names must be 1-32 characters of a-z, 0-9 and '-', starting with a letter or digit (they are used in file and machine names)",
+        );
+    }
+
+    if g.kind == GuestKind::Vm {
+        cx.guest(
+            name,
+            "kind",
+            "kind \"vm\" is not supported by this build yet; use kind = \"container\"",
+        );
+    }
+
+    if g.index == 0 {
+        let upper = max_guests.map_or_else(|| "max_guests-1".to_string(), |m| (m - 1).to_string());
+        cx.guest(
+            name,
+            "index",
+            format!("index 0 is the host's address on every guest link; use 1..{upper}"),
+        );
+    } else if let Some(m) = max_guests.filter(|&m| g.index >= m) {
+        let reason = if m > 1 {
+            format!(
+                "index {} is out of range; use 1..{} (host.max_guests is {m}; raise it for more)",
+                g.index,
+                m - 1
+            )
+        } else {
+            format!(
+                "index {} is out of range; host.max_guests is {m}, which leaves no guest indexes; raise it",
+                g.index
+            )
+        };
+        cx.guest(name, "index", reason);
+    }
+
+    let rootfs = match (&g.rootfs, g.kind) {
+        (None, GuestKind::Container) => {
+            cx.guest(
+                name,
+                "rootfs",
+                "a container needs a rootfs: the absolute path of a directory with /usr and /etc/os-release",
+            );
+            PathBuf::new()
+        }
+        (None, GuestKind::Vm) => PathBuf::new(),
+        (Some(p), _) if !p.is_absolute() => {
+            cx.guest(
+                name,
+                "rootfs",
+                format!("rootfs {} must be an absolute path", p.display()),
+            );
+            p.clone()
+        }
+        (Some(p), kind) => {
+            if !probe.is_dir(p) {
+                cx.guest(
+                    name,
+                    "rootfs",
+                    format!(
+                        "rootfs {} does not exist or is not a directory",
+                        p.display()
+                    ),
+                );
+            } else if kind == GuestKind::Container {
+                let missing: Vec<&str> = ["usr", "etc/os-release"]
+                    .into_iter()
+                    .filter(|sub| !probe.exists(&p.join(sub)))
+                    .collect();
+                if !missing.is_empty() {
+                    let list = missing
+                        .iter()
+                        .map(|m| format!("/{m}"))
+                        .collect::<Vec<_>>()
+                        .join(" and ");
+                    cx.guest(
+                        name,
+                        "rootfs",
+                        format!(
+                            "rootfs {} has no {list}; systemd-nspawn needs /usr and /etc/os-release in the root directory",
+                            p.display()
+                        ),
+                    );
+                }
+            }
+            p.clone()
+        }
+    };
+
+    let command = match &g.command {
+        None => vec![DEFAULT_COMMAND.to_string()],
+        Some(c) if c.is_empty() => {
+            cx.guest(
+                name,
+                "command",
+                format!("command is empty; give the program and its arguments, or leave it out to run {DEFAULT_COMMAND}"),
+            );
+            Vec::new()
+        }
+        Some(c) => {
+            if c[0].is_empty() {
+                cx.guest(
+                    name,
+                    "command",
+                    "the first element (the program to run) is empty",
+                );
+            }
+            if c.iter().any(|a| a.contains('\0')) {
+                cx.guest(name, "command", "arguments must not contain NUL characters");
+            }
+            c.clone()
+        }
+    };
+
+    if let Some(m) = g.memory.filter(|m| m.0 < MIN_MEMORY) {
+        cx.guest(
+            name,
+            "memory",
+            format!(
+                "memory {m} is too small; use at least {}",
+                ByteSize(MIN_MEMORY)
+            ),
+        );
+    }
+
+    if let Some(c) = g
+        .cpus
+        .filter(|c| !(c.is_finite() && *c > 0.0 && *c <= MAX_CPUS))
+    {
+        cx.guest(
+            name,
+            "cpus",
+            format!(
+                "cpus {c} is out of range; use a number of CPUs above 0 and at most 1024, e.g. 1.5"
+            ),
+        );
+    }
+
+    let stop_timeout_ms = match &g.stop_timeout {
+        None => DEFAULT_STOP_TIMEOUT_MS,
+        Some(s) => match parse_duration_ms(s) {
+            Err(e) => {
+                cx.guest(name, "stop_timeout", e);
+                DEFAULT_STOP_TIMEOUT_MS
+            }
+            Ok(ms) if !(1..=MAX_STOP_TIMEOUT_MS).contains(&ms) => {
+                cx.guest(
+                    name,
+                    "stop_timeout",
+                    format!("stop_timeout \"{s}\" is out of range; use 1ms..1h"),
+                );
+                ms
+            }
+            Ok(ms) => ms,
+        },
+    };
+
+    for (k, v) in &g.env {
+        if k.is_empty() {
+            cx.guest(name, "env", "environment variable names must not be empty");
+        } else if k.contains('=') || k.contains('\0') {
+            cx.guest(
+                name,
+                "env",
+                format!("environment variable name {k:?} must not contain '=' or NUL"),
+            );
+        }
+        if v.contains('\0') {
+            cx.guest(
+                name,
+                "env",
+                format!("value of environment variable {k:?} must not contain NUL"),
+            );
+        }
+    }
+
+    if cx.errors.len() != before {
+        return None;
+    }
+    let host = host?;
+    Some(Guest {
+        name: name.to_string(),
+        kind: g.kind,
+        index: g.index,
+        link: format!("vb{}", g.index),
+        addr4: host.addr4(g.index),
+        host4: host.subnet4.network(),
+        addr6: host.addr6(g.index),
+        host6: host.subnet6.map(|n| n.network()),
+        rootfs,
+        command,
+        memory: g.memory.map(|m| m.0),
+        cpus: g.cpus,
+        autostart: g.autostart.unwrap_or(true),
+        restart: g.restart.unwrap_or_default(),
+        env: g.env.clone(),
+        stop_timeout_ms,
+    })
+}
