@@ -1,14 +1,24 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! Routed guest networking for berth: one point-to-point link per guest (no
+//! bridge), host routes (`/32`, `/128`) to each guest, and one nftables table
+//! (`inet berth`) for anti-spoofing, forwarding policy and NAT.
+//!
+//! All functions are synchronous and act on the network namespace of the
+//! calling *thread* (netlink sockets are created on the calling thread, so a
+//! caller that has `setns`'d a thread gets that namespace). Netlink work runs on
+//! a private tokio current-thread runtime created per call.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+mod error;
+mod firewall;
+mod link;
+
+pub use error::NetError;
+pub use firewall::{
+    Firewall, TABLE_FAMILY, TABLE_NAME, apply_ruleset, check_ruleset, delete_table, render_ruleset,
+    table_exists,
+};
+pub use link::{
+    CONTAINER_IFNAME, Forwarding, GuestLink, delete_link, enable_forwarding, interface_exists,
+    list_links, routes_within, setup_container_link,
+};

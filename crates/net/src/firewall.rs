@@ -1,0 +1,525 @@
+//! nftables: berth owns exactly one table, `inet berth`, and nothing else.
+//!
+//! The ruleset is rendered as nft JSON (`nft -j`) and applied in one
+//! transaction that adds, deletes and re-adds the table, so applying is
+//! idempotent and atomic: either the whole new table is in place or the old
+//! one is untouched.
+//!
+//! # What the table does
+//!
+//! * `prerouting_filter` (filter, hook prerouting, priority raw = -300, policy
+//!   accept): per guest link, drop IPv4 whose source is not the guest's
+//!   address, drop IPv6 whose source is neither the guest's address nor
+//!   link-local (`fe80::/10`, needed for NDP; without IPv6 on the guest only
+//!   link-local is let through), and drop DHCP/DHCPv6 server replies
+//!   (`udp sport 67` / `udp sport 547`) sent by a guest. Running before
+//!   conntrack (-200) means spoofed packets never create conntrack entries.
+//! * `forward` (filter, hook forward, priority 0, policy accept): accept
+//!   established/related; accept anything arriving from a guest link
+//!   (`iifname "vb*"`); drop connections from the uplink to the guest subnets
+//!   that are not established/related (guests are not reachable from outside
+//!   until something opens them explicitly). The policy stays `accept` so other
+//!   forwarded traffic of the host is unaffected by this table.
+//! * `postrouting` (nat, hook postrouting, priority srcnat = 100): masquerade
+//!   the guest subnet leaving through the uplink; for IPv6 only when the
+//!   subnet is a ULA (`fd00::/8`), since global IPv6 should be routed as is.
+//!
+//! # ARP
+//!
+//! There are no ARP rules: the `inet` family never sees ARP, and none are
+//! needed. Each guest has its own point-to-point link and no bridge joins
+//! them, so a forged ARP (or NDP) message reaches only the host's end of that
+//! one link; the host routes to each guest with a `/32`/`/128` route bound to
+//! the guest's own link, so a guest cannot redirect another guest's traffic.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde_json::{Value, json};
+
+use crate::{GuestLink, NetError};
+
+/// Family of the one table berth owns.
+pub const TABLE_FAMILY: &str = "inet";
+/// Name of the one table berth owns.
+pub const TABLE_NAME: &str = "berth";
+
+/// Wildcard matching every guest link name (see `GuestLink::name`).
+const GUEST_LINK_GLOB: &str = "vb*";
+
+/// The firewall/NAT configuration of one host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Firewall {
+    /// Interface towards the outside world (masquerade goes out here).
+    pub uplink: String,
+    pub subnet4: Ipv4Net,
+    pub subnet6: Option<Ipv6Net>,
+    pub guests: Vec<GuestLink>,
+}
+
+fn table() -> Value {
+    json!({"family": TABLE_FAMILY, "name": TABLE_NAME})
+}
+
+fn chain(name: &str, kind: &str, hook: &str, prio: i32) -> Value {
+    json!({"add": {"chain": {
+        "family": TABLE_FAMILY, "table": TABLE_NAME, "name": name,
+        "type": kind, "hook": hook, "prio": prio, "policy": "accept",
+    }}})
+}
+
+fn rule(chain: &str, expr: Vec<Value>) -> Value {
+    json!({"add": {"rule": {
+        "family": TABLE_FAMILY, "table": TABLE_NAME, "chain": chain, "expr": expr,
+    }}})
+}
+
+fn matches(op: &str, left: Value, right: Value) -> Value {
+    json!({"match": {"op": op, "left": left, "right": right}})
+}
+
+fn meta(key: &str) -> Value {
+    json!({"meta": {"key": key}})
+}
+
+fn payload(protocol: &str, field: &str) -> Value {
+    json!({"payload": {"protocol": protocol, "field": field}})
+}
+
+fn prefix(addr: impl ToString, len: u8) -> Value {
+    json!({"prefix": {"addr": addr.to_string(), "len": len}})
+}
+
+fn counter() -> Value {
+    json!({"counter": null})
+}
+
+fn verdict(v: &str) -> Value {
+    json!({ v: null })
+}
+
+fn is_ula(net: &Ipv6Net) -> bool {
+    // fd00::/8: the locally assigned half of fc00::/7.
+    net.addr().octets()[0] == 0xfd && net.prefix_len() >= 8
+}
+
+/// Per-guest anti-spoofing rules for the `prerouting_filter` chain.
+fn guest_rules(g: &GuestLink) -> Vec<Value> {
+    let iif = || matches("==", meta("iifname"), json!(g.name));
+    let allowed6 = match g.guest6 {
+        Some(g6) => json!({"set": [g6.to_string(), prefix("fe80::", 10)]}),
+        None => prefix("fe80::", 10),
+    };
+    vec![
+        rule(
+            "prerouting_filter",
+            vec![
+                iif(),
+                matches("!=", payload("ip", "saddr"), json!(g.guest4.to_string())),
+                counter(),
+                verdict("drop"),
+            ],
+        ),
+        rule(
+            "prerouting_filter",
+            vec![
+                iif(),
+                matches("!=", payload("ip6", "saddr"), allowed6),
+                counter(),
+                verdict("drop"),
+            ],
+        ),
+        rule(
+            "prerouting_filter",
+            vec![
+                iif(),
+                matches("==", payload("udp", "sport"), json!({"set": [67, 547]})),
+                counter(),
+                verdict("drop"),
+            ],
+        ),
+    ]
+}
+
+/// Render the nft JSON document that atomically replaces table `inet berth`
+/// with the ruleset for `fw`. Pure: no IO.
+pub fn render_ruleset(fw: &Firewall) -> Value {
+    let mut cmds = vec![
+        // add + delete + add: the table exists (maybe empty) after the first
+        // add, so the delete never fails; the second add starts from scratch.
+        json!({"add": {"table": table()}}),
+        json!({"delete": {"table": table()}}),
+        json!({"add": {"table": table()}}),
+        chain("prerouting_filter", "filter", "prerouting", -300),
+        chain("forward", "filter", "forward", 0),
+        chain("postrouting", "nat", "postrouting", 100),
+    ];
+
+    for g in &fw.guests {
+        cmds.extend(guest_rules(g));
+    }
+
+    let uplink_in = || matches("==", meta("iifname"), json!(fw.uplink));
+    cmds.push(rule(
+        "forward",
+        vec![
+            matches(
+                "in",
+                json!({"ct": {"key": "state"}}),
+                json!(["established", "related"]),
+            ),
+            verdict("accept"),
+        ],
+    ));
+    cmds.push(rule(
+        "forward",
+        vec![
+            matches("==", meta("iifname"), json!(GUEST_LINK_GLOB)),
+            verdict("accept"),
+        ],
+    ));
+    cmds.push(rule(
+        "forward",
+        vec![
+            uplink_in(),
+            matches(
+                "==",
+                payload("ip", "daddr"),
+                prefix(fw.subnet4.network(), fw.subnet4.prefix_len()),
+            ),
+            counter(),
+            verdict("drop"),
+        ],
+    ));
+    if let Some(s6) = fw.subnet6 {
+        cmds.push(rule(
+            "forward",
+            vec![
+                uplink_in(),
+                matches(
+                    "==",
+                    payload("ip6", "daddr"),
+                    prefix(s6.network(), s6.prefix_len()),
+                ),
+                counter(),
+                verdict("drop"),
+            ],
+        ));
+    }
+
+    cmds.push(rule(
+        "postrouting",
+        vec![
+            matches(
+                "==",
+                payload("ip", "saddr"),
+                prefix(fw.subnet4.network(), fw.subnet4.prefix_len()),
+            ),
+            matches("==", meta("oifname"), json!(fw.uplink)),
+            verdict("masquerade"),
+        ],
+    ));
+    if let Some(s6) = fw.subnet6.filter(is_ula) {
+        cmds.push(rule(
+            "postrouting",
+            vec![
+                matches(
+                    "==",
+                    payload("ip6", "saddr"),
+                    prefix(s6.network(), s6.prefix_len()),
+                ),
+                matches("==", meta("oifname"), json!(fw.uplink)),
+                verdict("masquerade"),
+            ],
+        ));
+    }
+
+    json!({ "nftables": cmds })
+}
+
+/// Run `nft ARGS`, feeding `stdin` if given; returns stdout.
+fn nft(action: &'static str, args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>, NetError> {
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => NetError::NftMissing,
+            _ => NetError::NftSpawn { action, source },
+        })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input)
+            .map_err(|source| NetError::NftSpawn { action, source })?;
+        // Dropping `pipe` closes nft's stdin.
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|source| NetError::NftSpawn { action, source })?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(NetError::Nft {
+            action,
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Check the rendered ruleset with `nft -c` (nothing is changed): useful
+/// to validate a plan before applying it.
+pub fn check_ruleset(fw: &Firewall) -> Result<(), NetError> {
+    let doc = render_ruleset(fw).to_string();
+    nft(
+        "check ruleset",
+        &["-c", "-j", "-f", "-"],
+        Some(doc.as_bytes()),
+    )
+    .map(|_| ())
+}
+
+/// Apply the ruleset of `fw` in the current network namespace, replacing
+/// table `inet berth` atomically (`nft -j -f -`).
+pub fn apply_ruleset(fw: &Firewall) -> Result<(), NetError> {
+    let doc = render_ruleset(fw).to_string();
+    nft("apply ruleset", &["-j", "-f", "-"], Some(doc.as_bytes()))?;
+    tracing::info!(
+        uplink = fw.uplink.as_str(),
+        guests = fw.guests.len(),
+        "nftables table inet berth applied"
+    );
+    Ok(())
+}
+
+/// Delete table `inet berth`; `Ok(false)` if it did not exist.
+pub fn delete_table() -> Result<bool, NetError> {
+    if !table_exists()? {
+        return Ok(false);
+    }
+    match nft(
+        "delete table",
+        &["delete", "table", TABLE_FAMILY, TABLE_NAME],
+        None,
+    ) {
+        Ok(_) => Ok(true),
+        // Deleted concurrently between the check and the delete.
+        Err(NetError::Nft { .. }) if !table_exists()? => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether table `inet berth` exists in the current network namespace.
+pub fn table_exists() -> Result<bool, NetError> {
+    let out = nft("list tables", &["-j", "list", "tables", TABLE_FAMILY], None)?;
+    tables_contain_berth(&out)
+}
+
+fn tables_contain_berth(out: &[u8]) -> Result<bool, NetError> {
+    if out.iter().all(u8::is_ascii_whitespace) {
+        return Ok(false);
+    }
+    let doc: Value = serde_json::from_slice(out).map_err(|e| NetError::NftOutput {
+        action: "list tables",
+        detail: e.to_string(),
+    })?;
+    let items = doc
+        .get("nftables")
+        .and_then(Value::as_array)
+        .ok_or_else(|| NetError::NftOutput {
+            action: "list tables",
+            detail: "no \"nftables\" array".into(),
+        })?;
+    Ok(items.iter().filter_map(|i| i.get("table")).any(|t| {
+        t.get("family").and_then(Value::as_str) == Some(TABLE_FAMILY)
+            && t.get("name").and_then(Value::as_str) == Some(TABLE_NAME)
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fw(subnet6: Option<&str>) -> Firewall {
+        Firewall {
+            uplink: "uplink0".into(),
+            subnet4: "10.0.0.0/24".parse().unwrap(),
+            subnet6: subnet6.map(|s| s.parse().unwrap()),
+            guests: vec![
+                GuestLink {
+                    name: "vb2".into(),
+                    guest4: "10.0.0.2".parse().unwrap(),
+                    host4: "10.0.0.1".parse().unwrap(),
+                    guest6: Some("fd00::2".parse().unwrap()),
+                    host6: Some("fd00::1".parse().unwrap()),
+                },
+                GuestLink {
+                    name: "vb3".into(),
+                    guest4: "10.0.0.3".parse().unwrap(),
+                    host4: "10.0.0.1".parse().unwrap(),
+                    guest6: None,
+                    host6: None,
+                },
+            ],
+        }
+    }
+
+    fn cmds(doc: &Value) -> &Vec<Value> {
+        doc["nftables"].as_array().unwrap()
+    }
+
+    fn rules_in<'a>(doc: &'a Value, chain: &str) -> Vec<&'a Value> {
+        cmds(doc)
+            .iter()
+            .filter_map(|c| c.get("add").and_then(|a| a.get("rule")))
+            .filter(|r| r["chain"] == chain)
+            .collect()
+    }
+
+    #[test]
+    fn table_add_delete_add_first() {
+        let doc = render_ruleset(&fw(Some("fd00::/64")));
+        let c = cmds(&doc);
+        let t = json!({"family": "inet", "name": "berth"});
+        assert_eq!(c[0], json!({"add": {"table": t}}));
+        assert_eq!(c[1], json!({"delete": {"table": t}}));
+        assert_eq!(c[2], json!({"add": {"table": t}}));
+        // Only table inet berth is ever touched.
+        for cmd in c {
+            let obj = cmd.as_object().unwrap().values().next().unwrap();
+            let inner = obj.as_object().unwrap().values().next().unwrap();
+            assert_eq!(inner["family"], "inet", "{cmd}");
+            let table = inner.get("table").unwrap_or(&inner["name"]);
+            assert_eq!(table, "berth", "{cmd}");
+        }
+    }
+
+    #[test]
+    fn valid_json_roundtrip() {
+        let doc = render_ruleset(&fw(None));
+        let text = serde_json::to_string_pretty(&doc).unwrap();
+        let back: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, doc);
+    }
+
+    #[test]
+    fn chains_have_hooks_and_accept_policy() {
+        let doc = render_ruleset(&fw(None));
+        let chains: Vec<&Value> = cmds(&doc)
+            .iter()
+            .filter_map(|c| c.get("add").and_then(|a| a.get("chain")))
+            .collect();
+        let names: Vec<&str> = chains.iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["prerouting_filter", "forward", "postrouting"]);
+        for c in &chains {
+            assert_eq!(c["policy"], "accept", "{c}");
+        }
+        assert_eq!(chains[2]["type"], "nat");
+        assert_eq!(chains[2]["prio"], 100);
+    }
+
+    #[test]
+    fn masquerade_rule_names_uplink_and_subnet() {
+        let doc = render_ruleset(&fw(None));
+        let nat = rules_in(&doc, "postrouting");
+        assert_eq!(nat.len(), 1);
+        let expr = json!([
+            {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                       "right": {"prefix": {"addr": "10.0.0.0", "len": 24}}}},
+            {"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "uplink0"}},
+            {"masquerade": null}
+        ]);
+        assert_eq!(nat[0]["expr"], expr);
+    }
+
+    #[test]
+    fn ipv6_masquerade_only_for_ula() {
+        let ula = render_ruleset(&fw(Some("fd00:1::/64")));
+        assert_eq!(rules_in(&ula, "postrouting").len(), 2);
+        let global = render_ruleset(&fw(Some("2001:db8::/64")));
+        assert_eq!(rules_in(&global, "postrouting").len(), 1);
+        // Both still protect the v6 subnet from new inbound connections.
+        assert_eq!(rules_in(&global, "forward").len(), 4);
+    }
+
+    #[test]
+    fn antispoof_rules_per_guest() {
+        let doc = render_ruleset(&fw(Some("fd00::/64")));
+        let pre = rules_in(&doc, "prerouting_filter");
+        assert_eq!(pre.len(), 3 * 2);
+        for (guest, rules) in ["vb2", "vb3"].iter().zip(pre.chunks(3)) {
+            for r in rules {
+                assert_eq!(r["expr"][0]["match"]["right"], *guest, "{r}");
+                assert_eq!(
+                    r["expr"].as_array().unwrap().last().unwrap(),
+                    &json!({"drop": null})
+                );
+            }
+        }
+        // vb2: v4 source must be its own address.
+        assert_eq!(pre[0]["expr"][1]["match"]["op"], "!=");
+        assert_eq!(pre[0]["expr"][1]["match"]["right"], "10.0.0.2");
+        // vb2: v6 source must be its own or link-local.
+        assert_eq!(
+            pre[1]["expr"][1]["match"]["right"],
+            json!({"set": ["fd00::2", {"prefix": {"addr": "fe80::", "len": 10}}]})
+        );
+        // vb3 has no IPv6: only link-local passes.
+        assert_eq!(
+            pre[4]["expr"][1]["match"]["right"],
+            json!({"prefix": {"addr": "fe80::", "len": 10}})
+        );
+        // DHCP server replies from guests are dropped.
+        assert_eq!(
+            pre[2]["expr"][1]["match"]["right"],
+            json!({"set": [67, 547]})
+        );
+    }
+
+    #[test]
+    fn forward_accepts_from_guests_and_blocks_new_inbound() {
+        let doc = render_ruleset(&fw(None));
+        let fwd = rules_in(&doc, "forward");
+        assert_eq!(fwd.len(), 3);
+        assert_eq!(
+            fwd[0]["expr"][0]["match"]["left"],
+            json!({"ct": {"key": "state"}})
+        );
+        assert_eq!(fwd[1]["expr"][0]["match"]["right"], "vb*");
+        assert_eq!(fwd[2]["expr"][0]["match"]["right"], "uplink0");
+        assert_eq!(fwd[2]["expr"][3], json!({"drop": null}));
+    }
+
+    #[test]
+    fn parse_list_tables() {
+        let out = br#"{"nftables": [{"metainfo": {"version": "1.1.3"}}, {"table": {"family": "inet", "name": "berth", "handle": 3}}]}"#;
+        assert!(tables_contain_berth(out).unwrap());
+        let out =
+            br#"{"nftables": [{"metainfo": {}}, {"table": {"family": "inet", "name": "other"}}]}"#;
+        assert!(!tables_contain_berth(out).unwrap());
+        assert!(!tables_contain_berth(b"\n").unwrap());
+        assert!(tables_contain_berth(b"garbage").is_err());
+    }
+
+    /// `nft -c` (check only, nothing is changed) accepts the rendered JSON.
+    #[test]
+    fn nft_check_accepts_ruleset() {
+        let required = std::env::var("BERTH_E2E_REQUIRED").is_ok_and(|v| v == "1");
+        for f in [fw(None), fw(Some("fd00::/64")), fw(Some("2001:db8::/64"))] {
+            match check_ruleset(&f) {
+                Ok(()) => {}
+                Err(NetError::NftMissing) if !required => {
+                    eprintln!("skipping nft_check_accepts_ruleset: nft is not installed");
+                    return;
+                }
+                Err(e) => panic!("nft -c rejected the ruleset: {e}\n{}", render_ruleset(&f)),
+            }
+        }
+    }
+}
