@@ -1,14 +1,187 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! The one typed control plane: what the daemon serves on its unix socket and
+//! the CLI sends. The OpenAPI document (`openapi/berth.json`) is generated
+//! from these types by [`openapi()`]; a test keeps the committed copy equal to
+//! it and checks the running server's answers against it.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use berth_plan::Plan;
+pub use berth_spec::Spec;
+
+/// Default socket path (override with `--socket` / `BERTH_SOCKET`).
+pub const DEFAULT_SOCKET: &str = "/run/berth/berth.sock";
+/// Default state dir (override with `--state-dir` / `BERTH_STATE_DIR`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth";
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VersionInfo {
+    /// berth's version.
+    pub version: String,
+    /// API version, the path prefix (`v1`).
+    pub api: String,
+    /// PID of the daemon.
+    pub pid: u32,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// One guest as `berth ps` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+pub struct GuestInfo {
+    pub name: String,
+    /// `container` or `vm`.
+    pub kind: String,
+    pub index: u32,
+    /// `running`, `starting`, `restarting`, `stopping`, `stopped`, `failed`,
+    /// `missing` (should run but no supervisor found), `creating`/`removing`
+    /// (an apply is in progress or died half-way).
+    pub state: String,
+    /// The guest's leader process (its PID 1) as seen from the host.
+    pub pid: Option<i32>,
+    /// The guest's supervisor (`berth shim`).
+    pub shim_pid: Option<i32>,
+    /// Guest addresses (IPv4, then IPv6).
+    pub addresses: Vec<String>,
+    /// Host-side link name (`vb<index>`).
+    pub link: String,
+    /// Restarts by policy since the supervisor started.
+    pub restarts: u32,
+    /// Memory limit in bytes.
+    pub memory: Option<u64>,
+    /// `always`, `on-failure` or `never`.
+    pub restart: String,
+    pub autostart: bool,
+    /// Unix time the guest last became running.
+    pub started_at: Option<u64>,
+    /// How the guest last ended, e.g. "exited with status 1".
+    pub last_exit: Option<String>,
+    /// Last error or warnings from the supervisor.
+    pub message: Option<String>,
+}
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
+/// Body of `POST /v1/plan` and `POST /v1/apply`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SpecRequest {
+    /// The spec, as parsed from the file.
+    pub spec: Spec,
+    /// Where it came from, for messages (`examples/demo.toml`).
+    #[serde(default)]
+    pub file: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PlanResponse {
+    pub plan: Plan,
+    /// The plan as `berth plan` prints it.
+    pub text: String,
+    /// Things worth knowing that do not stop the plan.
+    pub warnings: Vec<String>,
+}
+
+/// One line of the `POST /v1/apply` stream (`application/x-ndjson`).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ApplyEvent {
+    /// The plan about to be applied (first line).
+    Plan { text: String, actions: usize },
+    /// A step of one guest (or the host when `guest` is null) began, ended or failed.
+    Step { guest: Option<String>, step: String, status: StepStatus, message: String, elapsed_ms: u64 },
+    /// Last line.
+    Done { ok: bool, summary: String, errors: Vec<String> },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Started,
+    Done,
+    Failed,
+    RolledBack,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct DestroyResponse {
+    /// Guests removed.
+    pub destroyed: Vec<String>,
+    /// Host resources removed (links, nft table, cgroups).
+    pub removed: Vec<String>,
+}
+
+/// Every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorBody {
+    /// One line: what went wrong and what to do.
+    pub error: String,
+    /// Further causes or every validation error, one per entry.
+    #[serde(default)]
+    pub details: Vec<String>,
+}
+
+/// The OpenAPI 3.1 document of the API, generated from the types above.
+pub fn openapi() -> serde_json::Value {
+    use serde_json::json;
+    let mut settings = schemars::generate::SchemaSettings::openapi3();
+    settings.definitions_path = "/components/schemas".into();
+    let mut generator = settings.into_generator();
+    let r = |s: schemars::Schema| serde_json::to_value(s).unwrap_or_default();
+    let version = r(generator.subschema_for::<VersionInfo>());
+    let guest = r(generator.subschema_for::<GuestInfo>());
+    let guests = r(generator.subschema_for::<Vec<GuestInfo>>());
+    let spec_req = r(generator.subschema_for::<SpecRequest>());
+    let plan = r(generator.subschema_for::<PlanResponse>());
+    let event = r(generator.subschema_for::<ApplyEvent>());
+    let destroy = r(generator.subschema_for::<DestroyResponse>());
+    let error = r(generator.subschema_for::<ErrorBody>());
+    let defs = generator.take_definitions(true);
+
+    let ok = |schema: &serde_json::Value, what: &str| {
+        json!({ "description": what, "content": { "application/json": { "schema": schema } } })
+    };
+    let err = |what: &str| json!({ "description": what, "content": { "application/json": { "schema": error } } });
+    let name_param = json!({ "name": "name", "in": "path", "required": true, "schema": { "type": "string" } });
+    let action = |verb: &str| {
+        json!({ "post": {
+            "summary": format!("{verb} one guest"),
+            "operationId": format!("{}_guest", verb.to_lowercase()),
+            "parameters": [name_param],
+            "responses": { "200": ok(&guest, "the guest after the action"), "404": err("no such guest"), "409": err("the guest cannot do that in its state"), "500": err("the action failed") }
+        }})
+    };
+    let body = |schema: &serde_json::Value| json!({ "required": true, "content": { "application/json": { "schema": schema } } });
+
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "berth",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "berth daemon API, served as HTTP/1.1 on a unix socket (default /run/berth/berth.sock, mode 0600). Generated from crates/api; do not edit by hand (regenerate with `berth openapi > openapi/berth.json`)."
+        },
+        "paths": {
+            "/v1/version": { "get": { "summary": "daemon version", "operationId": "version", "responses": { "200": ok(&version, "version") } } },
+            "/v1/guests": {
+                "get": { "summary": "list guests (berth ps)", "operationId": "list_guests", "responses": { "200": ok(&guests, "all guests, by name"), "500": err("store error") } },
+                "delete": { "summary": "destroy every guest and every host resource berth made", "operationId": "destroy_all", "responses": { "200": ok(&destroy, "what was removed"), "500": err("some resource could not be removed") } }
+            },
+            "/v1/guests/{name}": {
+                "get": { "summary": "one guest", "operationId": "get_guest", "parameters": [name_param], "responses": { "200": ok(&guest, "the guest"), "404": err("no such guest") } },
+                "delete": { "summary": "destroy one guest", "operationId": "destroy_guest", "parameters": [name_param], "responses": { "200": ok(&destroy, "what was removed"), "404": err("no such guest"), "500": err("removal failed") } }
+            },
+            "/v1/guests/{name}/start": action("Start"),
+            "/v1/guests/{name}/stop": action("Stop"),
+            "/v1/guests/{name}/restart": action("Restart"),
+            "/v1/plan": { "post": { "summary": "plan a spec against the current state", "operationId": "plan", "requestBody": body(&spec_req), "responses": { "200": ok(&plan, "the plan"), "400": err("the body is not a spec"), "422": err("the spec is invalid; details lists every error") } } },
+            "/v1/apply": { "post": {
+                "summary": "apply a spec; streams progress",
+                "operationId": "apply",
+                "requestBody": body(&spec_req),
+                "responses": {
+                    "200": { "description": "one ApplyEvent per line; the last is `done`", "content": { "application/x-ndjson": { "schema": event } } },
+                    "400": err("the body is not a spec"),
+                    "409": err("another apply is running"),
+                    "422": err("the spec is invalid; details lists every error")
+                }
+            } }
+        },
+        "components": { "schemas": defs }
+    })
 }

@@ -1,14 +1,15 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! `berth shim`: the per-guest supervisor.
+//!
+//! Each guest runs under its own shim, started detached by the daemon (new
+//! session, reparented to init), so `kill -9` of the daemon leaves every guest
+//! running. The daemon finds the shim again through its socket and status
+//! file under `<state>/guests/<name>/`.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod client;
+pub mod paths;
+pub mod proto;
+pub mod supervisor;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use paths::GuestPaths;
+pub use proto::{ExitInfo, Request, ShimState, ShimStatus};
+pub use supervisor::{ShimError, run, tail_lines};

@@ -1,0 +1,519 @@
+//! The executor: turns plan actions into shim, network and store operations.
+//!
+//! Every operation is blocking and idempotent (run it twice, get the same
+//! host); the daemon calls them from `spawn_blocking`. Each guest step is
+//! journalled and the guest's `phase` says whether its record can be trusted:
+//! `creating`/`removing` left behind by a crash make the planner replace the
+//! guest, and resource names are derived from the guest (link `vb<index>`,
+//! cgroup `berth/<name>`, dir `guests/<name>`), so cleanup never guesses.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use berth_api::GuestInfo;
+use berth_container::Cgroup;
+use berth_plan::{GuestStatus, Observed, ObservedGuest};
+use berth_shim::{GuestPaths, Request, ShimState, ShimStatus, client};
+use berth_spec::{Desired, Guest, Host};
+use berth_store::{GuestRecord, Phase, Resource, RunState, StepStatus, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("guest `{0}` does not exist (see `berth ps`)")]
+    NoSuchGuest(String),
+    #[error("guest `{guest}`: {message}")]
+    Guest { guest: String, message: String },
+    #[error("{0}")]
+    Host(String),
+}
+
+impl EngineError {
+    fn guest(guest: &str, message: impl Into<String>) -> EngineError {
+        EngineError::Guest { guest: guest.to_owned(), message: message.into() }
+    }
+}
+
+/// How long a started guest must stay up before `apply` calls it started.
+/// A guest that exits within this window is reported as failing at once.
+pub fn start_grace() -> Duration {
+    let ms = std::env::var("BERTH_START_GRACE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    Duration::from_millis(ms)
+}
+
+pub struct Engine {
+    pub state_dir: PathBuf,
+    pub store: Store,
+    /// The berth executable shims are started from.
+    pub exe: PathBuf,
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl Engine {
+    pub fn paths(&self, guest: &str) -> GuestPaths {
+        GuestPaths::new(&self.state_dir, guest)
+    }
+
+    fn record(&self, name: &str) -> Result<GuestRecord, EngineError> {
+        self.store.guest(name)?.ok_or_else(|| EngineError::NoSuchGuest(name.to_owned()))
+    }
+
+    fn applied(&self, rec: &GuestRecord) -> Result<Guest, EngineError> {
+        serde_json::from_str(&rec.config_json)
+            .map_err(|e| EngineError::guest(&rec.name, format!("stored config is unreadable: {e}")))
+    }
+
+    /// Current state of every recorded guest, for the planner.
+    pub fn observed(&self) -> Result<Observed, EngineError> {
+        let host = match self.store.host()? {
+            Some(j) => serde_json::from_str::<Host>(&j).ok(),
+            None => None,
+        };
+        let mut guests = std::collections::BTreeMap::new();
+        for rec in self.store.guests()? {
+            let Ok(applied) = self.applied(&rec) else { continue };
+            let status = if rec.phase != Phase::Ready {
+                GuestStatus::Partial
+            } else {
+                match client::status(&self.paths(&rec.name)) {
+                    Some(s) => match s.state {
+                        ShimState::Failed => GuestStatus::Failed,
+                        ShimState::Stopped => GuestStatus::Stopped,
+                        _ => GuestStatus::Running,
+                    },
+                    None if rec.run == RunState::Stopped => GuestStatus::Stopped,
+                    None => match client::last_status(&self.paths(&rec.name)).map(|s| s.state) {
+                        Some(ShimState::Failed) => GuestStatus::Failed,
+                        Some(ShimState::Stopped) => GuestStatus::Stopped,
+                        _ => GuestStatus::Missing,
+                    },
+                }
+            };
+            guests.insert(rec.name.clone(), ObservedGuest { applied, status });
+        }
+        Ok(Observed { host, guests })
+    }
+
+    /// `berth ps` rows.
+    pub fn list(&self) -> Result<Vec<GuestInfo>, EngineError> {
+        self.store.guests()?.iter().map(|r| self.info_of(r)).collect()
+    }
+
+    pub fn info(&self, name: &str) -> Result<GuestInfo, EngineError> {
+        let rec = self.record(name)?;
+        self.info_of(&rec)
+    }
+
+    fn info_of(&self, rec: &GuestRecord) -> Result<GuestInfo, EngineError> {
+        let g = self.applied(rec)?;
+        let paths = self.paths(&rec.name);
+        let live = client::status(&paths);
+        let last = live.clone().or_else(|| client::last_status(&paths));
+        let state = match (&rec.phase, &live) {
+            (Phase::Creating, _) => "creating".to_owned(),
+            (Phase::Removing, _) => "removing".to_owned(),
+            (_, Some(s)) => s.state.as_str().to_owned(),
+            (_, None) => match (&rec.run, last.as_ref().map(|s| s.state)) {
+                (_, Some(ShimState::Failed)) => "failed".to_owned(),
+                (RunState::Running, _) => "missing".to_owned(),
+                (RunState::Stopped, _) => "stopped".to_owned(),
+            },
+        };
+        Ok(GuestInfo {
+            name: rec.name.clone(),
+            kind: rec.kind.clone(),
+            index: rec.index,
+            state,
+            pid: live.as_ref().and_then(|s| s.leader_pid),
+            shim_pid: live.as_ref().map(|s| s.shim_pid),
+            addresses: g.addresses(),
+            link: g.link.clone(),
+            restarts: live.as_ref().map(|s| s.restarts).unwrap_or(0),
+            memory: g.memory,
+            restart: format!("{:?}", g.restart).to_lowercase().replace("onfailure", "on-failure"),
+            autostart: g.autostart,
+            started_at: live.as_ref().and_then(|s| s.started_at),
+            last_exit: last.as_ref().and_then(|s| s.last_exit.as_ref()).map(|e| e.describe()),
+            message: last.and_then(|s| s.message),
+        })
+    }
+
+    // ----- host --------------------------------------------------------------
+
+    /// Forwarding on and the `inet berth` table rendered for `guests`.
+    pub fn apply_host(&self, host: &Host, guests: &[&Guest]) -> Result<(), EngineError> {
+        berth_net::enable_forwarding().map_err(|e| EngineError::Host(e.to_string()))?;
+        let fw = berth_net::Firewall {
+            uplink: host.uplink.clone(),
+            subnet4: host.subnet4,
+            subnet6: host.subnet6,
+            guests: guests.iter().map(|g| link_of(g)).collect(),
+        };
+        berth_net::apply_ruleset(&fw).map_err(|e| EngineError::Host(e.to_string()))?;
+        self.store.add_resource(&Resource {
+            kind: "nft_table".into(),
+            name: "inet berth".into(),
+            guest: None,
+            detail: format!("NAT {} out of {}", host.subnet4, host.uplink),
+        })?;
+        Ok(())
+    }
+
+    /// Re-renders the firewall for the guests recorded now (after a destroy).
+    pub fn refresh_firewall(&self) -> Result<(), EngineError> {
+        let Some(host) = self.store.host()?.and_then(|j| serde_json::from_str::<Host>(&j).ok()) else {
+            return Ok(());
+        };
+        let recs = self.store.guests()?;
+        let guests: Vec<Guest> = recs.iter().filter_map(|r| self.applied(r).ok()).collect();
+        self.apply_host(&host, &guests.iter().collect::<Vec<_>>())
+    }
+
+    // ----- guests -----------------------------------------------------------
+
+    /// Records `g` as wanted, writes its config, and starts it if `start`.
+    /// On failure the guest is removed again, leaving the host as it was.
+    pub fn create(&self, g: &Guest, start: bool, generation: i64, plan_id: i64) -> Result<(), EngineError> {
+        self.step(plan_id, &g.name, "create", StepStatus::Started, "")?;
+        self.put(g, if start { RunState::Running } else { RunState::Stopped }, Phase::Creating, generation)?;
+        self.write_config(g)?;
+        let res = if start { self.start_shim(g) } else { Ok(()) };
+        match res {
+            Ok(()) => {
+                self.store.set_phase(&g.name, Phase::Ready)?;
+                self.step(plan_id, &g.name, "create", StepStatus::Done, "")?;
+                Ok(())
+            }
+            Err(e) => {
+                self.step(plan_id, &g.name, "create", StepStatus::Failed, &e.to_string())?;
+                let _ = self.remove(&g.name, g);
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops the guest if running, records the new config, starts it again.
+    /// If the new config fails to start, the previous one is brought back.
+    pub fn restart_with(&self, old: &Guest, new: &Guest, start: bool, generation: i64, plan_id: i64) -> Result<(), EngineError> {
+        self.step(plan_id, &new.name, "restart", StepStatus::Started, "")?;
+        self.store.set_phase(&new.name, Phase::Creating)?;
+        self.stop_shim(&new.name)?;
+        self.put(new, if start { RunState::Running } else { RunState::Stopped }, Phase::Creating, generation)?;
+        self.write_config(new)?;
+        let res = if start { self.start_shim(new) } else { Ok(()) };
+        match res {
+            Ok(()) => {
+                self.store.set_phase(&new.name, Phase::Ready)?;
+                self.step(plan_id, &new.name, "restart", StepStatus::Done, "")?;
+                Ok(())
+            }
+            Err(e) => {
+                self.step(plan_id, &new.name, "restart", StepStatus::Failed, &e.to_string())?;
+                // Undo: the previous config, as it was.
+                let _ = self.stop_shim(&new.name);
+                let rec = self.store.guest(&old.name)?;
+                self.put(old, RunState::Running, Phase::Creating, rec.map(|r| r.generation).unwrap_or(generation))?;
+                self.write_config(old)?;
+                if self.start_shim(old).is_ok() {
+                    self.store.set_phase(&old.name, Phase::Ready)?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Records a live change (no restart). The shim rereads its config when
+    /// it needs the changed fields (restart policy, stop timeout).
+    pub fn update_live(&self, g: &Guest, generation: i64, plan_id: i64) -> Result<(), EngineError> {
+        let rec = self.record(&g.name)?;
+        self.step(plan_id, &g.name, "update", StepStatus::Started, "")?;
+        self.put(g, rec.run, rec.phase, generation)?;
+        self.write_config(g)?;
+        self.step(plan_id, &g.name, "update", StepStatus::Done, "")?;
+        Ok(())
+    }
+
+    /// Starts a recorded guest (no-op if its shim runs).
+    pub fn start(&self, name: &str) -> Result<(), EngineError> {
+        let rec = self.record(name)?;
+        let g = self.applied(&rec)?;
+        self.store.set_run_state(name, RunState::Running)?;
+        self.start_shim(&g)
+    }
+
+    /// Stops a recorded guest and remembers it should stay stopped.
+    pub fn stop(&self, name: &str) -> Result<(), EngineError> {
+        self.record(name)?;
+        self.store.set_run_state(name, RunState::Stopped)?;
+        self.stop_shim(name)
+    }
+
+    /// Stops and deletes a guest and everything berth made for it.
+    pub fn destroy(&self, name: &str, plan_id: i64) -> Result<Vec<String>, EngineError> {
+        let rec = self.record(name)?;
+        let g = self.applied(&rec)?;
+        self.step(plan_id, name, "destroy", StepStatus::Started, "")?;
+        self.store.set_phase(name, Phase::Removing)?;
+        let removed = self.remove(name, &g)?;
+        self.step(plan_id, name, "destroy", StepStatus::Done, "")?;
+        Ok(removed)
+    }
+
+    fn remove(&self, name: &str, g: &Guest) -> Result<Vec<String>, EngineError> {
+        let mut removed = Vec::new();
+        let _ = self.stop_shim(name);
+        let cg = Cgroup::for_guest(name);
+        if cg.exists() {
+            cg.kill_all(Duration::from_secs(5)).map_err(|e| EngineError::guest(name, e.to_string()))?;
+            cg.remove().map_err(|e| EngineError::guest(name, e.to_string()))?;
+            removed.push(format!("cgroup berth/{name}"));
+        }
+        let mut links = vec![g.link.clone()];
+        for r in self.store.resources(Some(name))? {
+            if r.kind == "link" && !links.contains(&r.name) {
+                links.push(r.name);
+            }
+        }
+        for l in links {
+            if berth_net::delete_link(&l).map_err(|e| EngineError::guest(name, e.to_string()))? {
+                removed.push(format!("link {l}"));
+            }
+        }
+        let dir = self.paths(name).dir;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| EngineError::guest(name, format!("removing {}: {e}", dir.display())))?;
+            removed.push(format!("dir {}", dir.display()));
+        }
+        self.store.delete_guest(name)?;
+        Ok(removed)
+    }
+
+    fn put(&self, g: &Guest, run: RunState, phase: Phase, generation: i64) -> Result<(), EngineError> {
+        let config_json =
+            serde_json::to_string(g).map_err(|e| EngineError::guest(&g.name, format!("serializing config: {e}")))?;
+        self.store.put_guest(&GuestRecord {
+            name: g.name.clone(),
+            kind: format!("{:?}", g.kind).to_lowercase(),
+            index: g.index,
+            config_json,
+            run,
+            phase,
+            generation,
+            updated_at: now(),
+        })?;
+        for (kind, rname) in [("link", g.link.clone()), ("cgroup", format!("berth/{}", g.name))] {
+            self.store.add_resource(&Resource { kind: kind.into(), name: rname, guest: Some(g.name.clone()), detail: String::new() })?;
+        }
+        Ok(())
+    }
+
+    fn write_config(&self, g: &Guest) -> Result<(), EngineError> {
+        let paths = self.paths(&g.name);
+        std::fs::create_dir_all(&paths.dir)
+            .map_err(|e| EngineError::guest(&g.name, format!("creating {}: {e}", paths.dir.display())))?;
+        let tmp = paths.config().with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(g).map_err(|e| EngineError::guest(&g.name, e.to_string()))?;
+        std::fs::write(&tmp, bytes)
+            .and_then(|()| std::fs::rename(&tmp, paths.config()))
+            .map_err(|e| EngineError::guest(&g.name, format!("writing config: {e}")))
+    }
+
+    fn step(&self, plan_id: i64, guest: &str, step: &str, status: StepStatus, detail: &str) -> Result<(), EngineError> {
+        if plan_id > 0 {
+            self.store.journal(plan_id, Some(guest), step, status, detail)?;
+        }
+        Ok(())
+    }
+
+    /// Spawns the guest's shim unless one already answers, then waits until
+    /// the guest runs and has stayed up for the start grace period.
+    pub fn start_shim(&self, g: &Guest) -> Result<(), EngineError> {
+        let paths = self.paths(&g.name);
+        if let Some(s) = client::status(&paths) {
+            if !s.state.is_final() {
+                return Ok(());
+            }
+        }
+        let _ = std::fs::remove_file(paths.status());
+        client::spawn(&self.exe, &self.state_dir, &g.name)
+            .map_err(|e| EngineError::guest(&g.name, format!("starting its supervisor: {e}")))?;
+        self.wait_started(g, &paths)
+    }
+
+    fn wait_started(&self, g: &Guest, paths: &GuestPaths) -> Result<(), EngineError> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let failed = |s: Option<&ShimStatus>| -> EngineError {
+            let how = s
+                .and_then(|s| s.last_exit.as_ref().map(|e| e.describe()).or_else(|| s.message.clone()))
+                .unwrap_or_else(|| "did not start".into());
+            let tail = berth_shim::tail_lines(&paths.console_log(), 5);
+            let shim_tail = berth_shim::tail_lines(&paths.shim_log(), 3);
+            let mut msg = format!("{how} right after start");
+            if !tail.is_empty() {
+                msg.push_str(&format!("; last output: {tail}"));
+            } else if !shim_tail.is_empty() {
+                msg.push_str(&format!("; supervisor log: {shim_tail}"));
+            }
+            EngineError::guest(&g.name, msg)
+        };
+        loop {
+            let live = client::status(paths);
+            match live.as_ref().map(|s| s.state) {
+                Some(ShimState::Running) => break,
+                Some(ShimState::Failed | ShimState::Stopped | ShimState::Restarting) => {
+                    let s = live.or_else(|| client::last_status(paths));
+                    let _ = self.stop_shim(&g.name);
+                    return Err(failed(s.as_ref()));
+                }
+                _ => {}
+            }
+            if live.is_none() {
+                // The shim may have exited already (policy never); its file says why.
+                if let Some(last) = client::last_status(paths).filter(|s| s.state.is_final()) {
+                    return Err(failed(Some(&last)));
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = self.stop_shim(&g.name);
+                return Err(EngineError::guest(&g.name, "did not reach running within 60 s"));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(start_grace());
+        match client::status(paths) {
+            Some(s) if s.state == ShimState::Running && s.restarts == 0 => Ok(()),
+            s => {
+                let s = s.or_else(|| client::last_status(paths));
+                let _ = self.stop_shim(&g.name);
+                Err(failed(s.as_ref()))
+            }
+        }
+    }
+
+    /// Asks the shim to stop the guest and waits for it; no shim is fine.
+    pub fn stop_shim(&self, name: &str) -> Result<(), EngineError> {
+        let paths = self.paths(name);
+        let timeout = self
+            .store
+            .guest(name)?
+            .and_then(|r| serde_json::from_str::<Guest>(&r.config_json).ok())
+            .map(|g| Duration::from_millis(g.stop_timeout_ms) + Duration::from_secs(10))
+            .unwrap_or(Duration::from_secs(30));
+        match client::request(&paths.socket(), &Request::Stop, timeout) {
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {}
+            Err(e) => return Err(EngineError::guest(name, format!("stopping: {e}"))),
+        }
+        // The shim removes its socket as it exits; wait for that so a new
+        // shim can bind it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while paths.socket().exists() && client::status(&paths).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// At daemon start: guests that should run but whose shim is gone get a
+    /// new one. Guests whose shim runs are left alone (no interruption).
+    pub fn readopt(&self) -> Result<Vec<String>, EngineError> {
+        let mut notes = Vec::new();
+        for rec in self.store.guests()? {
+            let paths = self.paths(&rec.name);
+            match (rec.phase, rec.run, client::status(&paths)) {
+                (Phase::Ready, _, Some(s)) => {
+                    notes.push(format!("{}: re-adopted (shim {}, leader {:?})", rec.name, s.shim_pid, s.leader_pid))
+                }
+                (Phase::Ready, RunState::Running, None) => {
+                    let g = self.applied(&rec)?;
+                    match self.start_shim(&g) {
+                        Ok(()) => notes.push(format!("{}: supervisor was gone; restarted the guest", rec.name)),
+                        Err(e) => notes.push(format!("{}: supervisor was gone and restart failed: {e}", rec.name)),
+                    }
+                }
+                (Phase::Ready, RunState::Stopped, None) => {}
+                (phase, _, _) => notes.push(format!(
+                    "{}: an earlier apply stopped half-way ({}); the next `berth apply` recreates it",
+                    rec.name,
+                    phase.as_str()
+                )),
+            }
+        }
+        Ok(notes)
+    }
+
+    /// Removes every guest and every host resource berth recorded.
+    pub fn destroy_all(&self) -> Result<Vec<String>, EngineError> {
+        let mut removed = Vec::new();
+        let mut errors = Vec::new();
+        for rec in self.store.guests()? {
+            match self.destroy(&rec.name, 0) {
+                Ok(r) => removed.extend(r),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        for r in self.store.resources(None)? {
+            let gone = match r.kind.as_str() {
+                "nft_table" => berth_net::delete_table().map_err(|e| e.to_string()),
+                "link" => berth_net::delete_link(&r.name).map_err(|e| e.to_string()),
+                "cgroup" => {
+                    let name = r.name.trim_start_matches("berth/");
+                    let cg = Cgroup::for_guest(name);
+                    let existed = cg.exists();
+                    cg.kill_all(Duration::from_secs(5))
+                        .and_then(|()| cg.remove())
+                        .map(|()| existed)
+                        .map_err(|e| e.to_string())
+                }
+                _ => Ok(false),
+            };
+            match gone {
+                Ok(true) => removed.push(format!("{} {}", r.kind, r.name)),
+                Ok(false) => {}
+                Err(e) => {
+                    errors.push(format!("{} {}: {e}", r.kind, r.name));
+                    continue;
+                }
+            }
+            self.store.remove_resource(&r.kind, &r.name)?;
+        }
+        for d in [berth_shim::paths::lib_dir(&self.state_dir), self.state_dir.join("guests")] {
+            if d.exists() && std::fs::remove_dir_all(&d).is_ok() {
+                removed.push(format!("dir {}", d.display()));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(EngineError::Host(format!("destroy left some resources: {}", errors.join("; "))));
+        }
+        self.store.delete_host()?;
+        Ok(removed)
+    }
+
+    /// Applies the part of a plan that concerns one guest.
+    pub fn guest_of<'a>(desired: &'a Desired, name: &str) -> Option<&'a Guest> {
+        desired.guests.get(name)
+    }
+}
+
+pub fn link_of(g: &Guest) -> berth_net::GuestLink {
+    berth_net::GuestLink { name: g.link.clone(), guest4: g.addr4, host4: g.host4, guest6: g.addr6, host6: g.host6 }
+}
+
+/// Host facts for spec validation, read in the daemon's own network namespace.
+pub struct LocalProbe;
+
+impl berth_spec::HostProbe for LocalProbe {
+    fn is_dir(&self, p: &Path) -> bool {
+        p.is_dir()
+    }
+    fn exists(&self, p: &Path) -> bool {
+        p.exists() || p.symlink_metadata().is_ok()
+    }
+    fn interface_exists(&self, name: &str) -> Option<bool> {
+        Some(berth_net::interface_exists(name))
+    }
+}

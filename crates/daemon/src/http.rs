@@ -1,0 +1,329 @@
+//! HTTP/JSON handlers. Each turns a request into one engine call; blocking
+//! work runs on the blocking pool.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State, rejection::JsonRejection};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use berth_api::{
+    ApplyEvent, DestroyResponse, ErrorBody, GuestInfo, PlanResponse, SpecRequest, StepStatus, VersionInfo,
+};
+use berth_plan::{Action, ActionKind, Plan};
+use berth_spec::{Desired, Guest};
+use tokio::sync::{Mutex, mpsc};
+
+use crate::engine::{Engine, EngineError, LocalProbe};
+
+#[derive(Clone)]
+struct App {
+    engine: Arc<Engine>,
+    /// One apply (or destroy) at a time.
+    apply_lock: Arc<Mutex<()>>,
+}
+
+pub fn router(engine: Arc<Engine>) -> axum::Router {
+    let app = App { engine, apply_lock: Arc::new(Mutex::new(())) };
+    axum::Router::new()
+        .route("/v1/version", get(version))
+        .route("/v1/guests", get(list).delete(destroy_all))
+        .route("/v1/guests/{name}", get(one).delete(destroy_one))
+        .route("/v1/guests/{name}/start", post(start))
+        .route("/v1/guests/{name}/stop", post(stop))
+        .route("/v1/guests/{name}/restart", post(restart))
+        .route("/v1/plan", post(plan))
+        .route("/v1/apply", post(apply))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see openapi/berth.json") })
+        .with_state(app)
+}
+
+struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, msg: impl Into<String>) -> ApiError {
+        ApiError { status, body: ErrorBody { error: msg.into(), details: vec![] } }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> ApiError {
+        let status = match e {
+            EngineError::NoSuchGuest(_) => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, format!("request body is not a valid spec request: {}", e.body_text()))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal task failed: {e}"))),
+    }
+}
+
+async fn version() -> Json<VersionInfo> {
+    Json(VersionInfo { version: env!("CARGO_PKG_VERSION").into(), api: "v1".into(), pid: std::process::id() })
+}
+
+async fn list(State(app): State<App>) -> Result<Json<Vec<GuestInfo>>, ApiError> {
+    let e = app.engine.clone();
+    Ok(Json(blocking(move || e.list()).await?))
+}
+
+async fn one(State(app): State<App>, Path(name): Path<String>) -> Result<Json<GuestInfo>, ApiError> {
+    let e = app.engine.clone();
+    Ok(Json(blocking(move || e.info(&name)).await?))
+}
+
+async fn start(State(app): State<App>, Path(name): Path<String>) -> Result<Json<GuestInfo>, ApiError> {
+    let _g = app.apply_lock.lock().await;
+    let e = app.engine.clone();
+    Ok(Json(blocking(move || e.start(&name).and_then(|()| e.info(&name))).await?))
+}
+
+async fn stop(State(app): State<App>, Path(name): Path<String>) -> Result<Json<GuestInfo>, ApiError> {
+    let _g = app.apply_lock.lock().await;
+    let e = app.engine.clone();
+    Ok(Json(blocking(move || e.stop(&name).and_then(|()| e.info(&name))).await?))
+}
+
+async fn restart(State(app): State<App>, Path(name): Path<String>) -> Result<Json<GuestInfo>, ApiError> {
+    let _g = app.apply_lock.lock().await;
+    let e = app.engine.clone();
+    Ok(Json(blocking(move || e.stop(&name).and_then(|()| e.start(&name)).and_then(|()| e.info(&name))).await?))
+}
+
+async fn destroy_one(State(app): State<App>, Path(name): Path<String>) -> Result<Json<DestroyResponse>, ApiError> {
+    let _g = app.apply_lock.lock().await;
+    let e = app.engine.clone();
+    let removed = blocking(move || {
+        let removed = e.destroy(&name, 0)?;
+        e.refresh_firewall()?;
+        Ok((name, removed))
+    })
+    .await?;
+    Ok(Json(DestroyResponse { destroyed: vec![removed.0], removed: removed.1 }))
+}
+
+async fn destroy_all(State(app): State<App>) -> Result<Json<DestroyResponse>, ApiError> {
+    let _g = app.apply_lock.lock().await;
+    let e = app.engine.clone();
+    let (names, removed) = blocking(move || {
+        let names: Vec<String> = e.store.guests()?.into_iter().map(|r| r.name).collect();
+        Ok((names, e.destroy_all()?))
+    })
+    .await?;
+    Ok(Json(DestroyResponse { destroyed: names, removed }))
+}
+
+/// Validates a spec request in the daemon's view of the host.
+async fn validated(req: SpecRequest) -> Result<Desired, ApiError> {
+    let res = tokio::task::spawn_blocking(move || {
+        let file = if req.file.is_empty() { "<request>".to_string() } else { req.file.clone() };
+        berth_spec::validate(&req.spec, std::path::Path::new(&file), &LocalProbe)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    res.map_err(|errs| ApiError {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        body: ErrorBody {
+            error: format!("the spec has {} error(s)", errs.len()),
+            details: errs.iter().map(|e| e.to_string()).collect(),
+        },
+    })
+}
+
+fn warnings(desired: &Desired) -> Vec<String> {
+    let mut w = Vec::new();
+    if !berth_container::systemd_available() && desired.guests.values().any(|g| g.kind == berth_spec::GuestKind::Container) {
+        w.push("systemd/D-Bus not running: containers are not registered with machined (machinectl will not list them)".into());
+    }
+    w
+}
+
+async fn plan(State(app): State<App>, body: Result<Json<SpecRequest>, JsonRejection>) -> Result<Json<PlanResponse>, ApiError> {
+    let Json(req) = body?;
+    let desired = validated(req).await?;
+    let e = app.engine.clone();
+    let d = desired.clone();
+    let plan = blocking(move || Ok(berth_plan::plan(&d, &e.observed()?))).await?;
+    Ok(Json(PlanResponse { text: plan.to_string(), plan, warnings: warnings(&desired) }))
+}
+
+async fn apply(State(app): State<App>, body: Result<Json<SpecRequest>, JsonRejection>) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    let source = if req.file.is_empty() { "<request>".to_string() } else { req.file.clone() };
+    let spec_json = serde_json::to_string(&req.spec).unwrap_or_default();
+    let desired = validated(req).await?;
+    let guard = app
+        .apply_lock
+        .clone()
+        .try_lock_owned()
+        .map_err(|_| ApiError::new(StatusCode::CONFLICT, "another apply or destroy is running; try again when it ends"))?;
+    let (tx, rx) = mpsc::channel::<ApplyEvent>(256);
+    let engine = app.engine.clone();
+    tokio::task::spawn_blocking(move || {
+        let _guard = guard;
+        run_apply(&engine, &desired, &source, &spec_json, &tx);
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let ev = rx.recv().await?;
+        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(line), rx))
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+/// Executes a plan: host first, destroys one by one, then every other guest
+/// action in parallel. Emits one event per step; never panics on a guest
+/// failure (it is reported and the rest carries on).
+fn run_apply(engine: &Engine, desired: &Desired, source: &str, spec_json: &str, tx: &mpsc::Sender<ApplyEvent>) {
+    let send = |ev: ApplyEvent| {
+        let _ = tx.blocking_send(ev);
+    };
+    let fail = |msg: String| {
+        send(ApplyEvent::Done { ok: false, summary: "apply failed".into(), errors: vec![msg] });
+    };
+    let observed = match engine.observed() {
+        Ok(o) => o,
+        Err(e) => return fail(e.to_string()),
+    };
+    let plan: Plan = berth_plan::plan(desired, &observed);
+    send(ApplyEvent::Plan { text: plan.to_string(), actions: plan.actions.len() });
+    let (generation, plan_id) = match (engine.store.save_spec(source, spec_json), engine.store.next_plan_id()) {
+        (Ok(g), Ok(p)) => (g, p),
+        (Err(e), _) | (_, Err(e)) => return fail(e.to_string()),
+    };
+    let mut errors = Vec::new();
+
+    // Host: forwarding and the firewall, covering both the guests that stay
+    // and the ones about to be created, so every guest link is filtered from
+    // its first packet.
+    let t = Instant::now();
+    send(step(None, "host", StepStatus::Started, "forwarding, NAT and source filters".into(), t));
+    let mut all: BTreeMap<&str, &Guest> = observed.guests.iter().map(|(n, o)| (n.as_str(), &o.applied)).collect();
+    all.extend(desired.guests.iter().map(|(n, g)| (n.as_str(), g)));
+    match engine.apply_host(&desired.host, &all.values().copied().collect::<Vec<_>>()) {
+        Ok(()) => send(step(None, "host", StepStatus::Done, String::new(), t)),
+        Err(e) => {
+            send(step(None, "host", StepStatus::Failed, e.to_string(), t));
+            return fail(format!("host network: {e}"));
+        }
+    }
+
+    let (destroys, rest): (Vec<&Action>, Vec<&Action>) =
+        plan.actions.iter().filter(|a| a.guest.is_some()).partition(|a| a.kind == ActionKind::Destroy);
+    for a in destroys {
+        if let Err(e) = run_action(engine, desired, &observed, a, generation, plan_id, &send) {
+            errors.push(e);
+        }
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = rest
+            .iter()
+            .map(|a| s.spawn(|| run_action(engine, desired, &observed, a, generation, plan_id, &send)))
+            .collect();
+        for h in handles {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.push(e),
+                Err(_) => errors.push("internal error: a step panicked".into()),
+            }
+        }
+    });
+
+    // Final firewall: exactly the guests now recorded.
+    if let Err(e) = engine.refresh_firewall() {
+        errors.push(format!("host network: {e}"));
+    }
+    if let Ok(j) = serde_json::to_string(&desired.host) {
+        if let Err(e) = engine.store.put_host(&j) {
+            errors.push(e.to_string());
+        }
+    }
+    let ok = errors.is_empty();
+    if ok {
+        if let Err(e) = engine.store.mark_applied(generation) {
+            errors.push(e.to_string());
+        }
+    }
+    let summary = if ok { format!("applied: {}", plan.summary()) } else { format!("{} step(s) failed", errors.len()) };
+    send(ApplyEvent::Done { ok: errors.is_empty(), summary, errors });
+}
+
+fn step(guest: Option<&str>, step: &str, status: StepStatus, message: String, t: Instant) -> ApplyEvent {
+    ApplyEvent::Step {
+        guest: guest.map(str::to_owned),
+        step: step.into(),
+        status,
+        message,
+        elapsed_ms: t.elapsed().as_millis() as u64,
+    }
+}
+
+fn run_action(
+    engine: &Engine,
+    desired: &Desired,
+    observed: &berth_plan::Observed,
+    a: &Action,
+    generation: i64,
+    plan_id: i64,
+    send: &(dyn Fn(ApplyEvent) + Sync),
+) -> Result<(), String> {
+    let Some(name) = a.guest.as_deref() else { return Ok(()) };
+    let t = Instant::now();
+    let kind = a.kind.to_string();
+    send(step(Some(name), &kind, StepStatus::Started, a.reason.clone(), t));
+    let new = desired.guests.get(name);
+    let old = observed.guests.get(name).map(|o| &o.applied);
+    let res: Result<(), EngineError> = match (a.kind, new, old) {
+        (ActionKind::Create, Some(g), _) => engine.create(g, a.start, generation, plan_id),
+        (ActionKind::Start, Some(g), _) => {
+            engine.update_live(g, generation, plan_id).and_then(|()| if a.start { engine.start(name) } else { Ok(()) })
+        }
+        (ActionKind::Update, Some(g), _) => engine.update_live(g, generation, plan_id),
+        (ActionKind::Restart, Some(g), Some(o)) => engine.restart_with(o, g, a.start, generation, plan_id),
+        (ActionKind::Replace, Some(g), _) => engine
+            .destroy(name, plan_id)
+            .map(|_| ())
+            .or_else(|e| if matches!(e, EngineError::NoSuchGuest(_)) { Ok(()) } else { Err(e) })
+            .and_then(|()| engine.create(g, a.start, generation, plan_id)),
+        (ActionKind::Destroy, _, _) => engine.destroy(name, plan_id).map(|_| ()),
+        _ => Ok(()),
+    };
+    match res {
+        Ok(()) => {
+            send(step(Some(name), &kind, StepStatus::Done, String::new(), t));
+            Ok(())
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            send(step(Some(name), &kind, StepStatus::Failed, msg.clone(), t));
+            Err(msg)
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! What the shim reports and how the daemon asks: one JSON object per line
+//! over the shim's unix socket.
+//!
+//! ```text
+//!            start ok                 guest exits, policy says restart
+//! Starting ─────────▶ Running ───────────────────────▶ Restarting ──▶ Starting
+//!     │                  │ stop / SIGTERM                    │
+//!     │ error            ▼                                   │ stop
+//!     └──────▶ Failed   Stopping ──▶ Stopped ◀───────────────┘
+//!   (policy never / exhausted)       (shim exits)
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShimState {
+    Starting,
+    Running,
+    Restarting,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+impl ShimState {
+    /// The shim has ended (or is about to) and the guest is not running.
+    pub fn is_final(self) -> bool {
+        matches!(self, ShimState::Stopped | ShimState::Failed)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShimState::Starting => "starting",
+            ShimState::Running => "running",
+            ShimState::Restarting => "restarting",
+            ShimState::Stopping => "stopping",
+            ShimState::Stopped => "stopped",
+            ShimState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Exit code, when the guest exited normally.
+    pub code: Option<i32>,
+    /// Signal number, when it was killed.
+    pub signal: Option<i32>,
+    /// Unix time in seconds.
+    pub at: u64,
+}
+
+impl ExitInfo {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+    pub fn describe(&self) -> String {
+        match (self.code, self.signal) {
+            (Some(c), _) => format!("exited with status {c}"),
+            (_, Some(s)) => format!("killed by signal {s}"),
+            _ => "ended".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ShimStatus {
+    pub guest: String,
+    pub shim_pid: i32,
+    pub state: ShimState,
+    /// systemd-nspawn's PID.
+    pub runner_pid: Option<i32>,
+    /// The guest's leader (its PID 1) as seen from the host.
+    pub leader_pid: Option<i32>,
+    /// Times the guest was restarted by policy since the shim started.
+    pub restarts: u32,
+    pub last_exit: Option<ExitInfo>,
+    /// Unix time the guest last became running.
+    pub started_at: Option<u64>,
+    /// Human-readable detail: last error, warnings.
+    pub message: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    /// Stop the guest; the reply comes once it has stopped and the shim is exiting.
+    Stop,
+}

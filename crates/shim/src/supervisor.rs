@@ -1,0 +1,425 @@
+//! The shim proper: one process per guest, outside the daemon's process tree.
+//!
+//! It is deliberately synchronous and small (std threads, no async runtime
+//! kept alive) so that it stays cheap and has little that can break across
+//! daemon upgrades. Threads:
+//! - main: start the guest, wait for it, apply the restart policy;
+//! - control: accept connections on `shim.sock`, answer status, take stop;
+//! - signals: SIGTERM/SIGINT/SIGHUP to the shim mean "stop the guest".
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use berth_container::{Cgroup, NspawnConfig, init, nspawn_argv, nspawn_env, process, systemd_available};
+use berth_spec::{Guest, GuestKind, RestartPolicy};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::unistd::Pid;
+
+use crate::paths::{GuestPaths, lib_dir};
+use crate::proto::{ExitInfo, Request, ShimState, ShimStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("reading guest config {path}: {source}")]
+    Config { path: PathBuf, source: std::io::Error },
+    #[error("guest config {path} is not valid: {source}")]
+    ConfigParse { path: PathBuf, source: serde_json::Error },
+    #[error("another shim already supervises guest `{0}`")]
+    AlreadyRunning(String),
+    #[error("control socket {path}: {source}")]
+    Socket { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Start(String),
+}
+
+/// Cap on `console.log` before it is rotated to `console.log.1` at a start.
+const CONSOLE_LOG_MAX: u64 = 16 << 20;
+/// A guest that ran this long resets the restart backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+struct Shared {
+    status: Mutex<ShimStatus>,
+    changed: Condvar,
+    stop: AtomicBool,
+    /// Connections waiting for the final state (stop requests).
+    waiters: Mutex<Vec<UnixStream>>,
+    paths: GuestPaths,
+    stop_timeout: Duration,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, ShimStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ShimStatus)) {
+        let mut s = self.lock();
+        f(&mut s);
+        write_status(&self.paths.status(), &s);
+        self.changed.notify_all();
+    }
+
+    /// Asks the guest to stop: SIGTERM to nspawn now, SIGKILL to everything
+    /// of the guest after the stop timeout.
+    fn request_stop(self: &Arc<Self>) {
+        if self.stop.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let runner = {
+            let s = self.lock();
+            s.runner_pid
+        };
+        self.update(|s| {
+            if !s.state.is_final() {
+                s.state = ShimState::Stopping;
+            }
+        });
+        log(&format!("stop requested; stopping guest (timeout {:?})", self.stop_timeout));
+        if let Some(pid) = runner {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let me = Arc::clone(self);
+            std::thread::spawn(move || {
+                std::thread::sleep(me.stop_timeout);
+                let s = me.lock();
+                if s.runner_pid == Some(pid) && process::alive(pid) {
+                    drop(s);
+                    log("stop timeout reached; killing the guest");
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            });
+        }
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn log(msg: &str) {
+    eprintln!("{} berth-shim[{}]: {msg}", now(), std::process::id());
+}
+
+fn write_status(path: &Path, s: &ShimStatus) {
+    let tmp = path.with_extension("json.tmp");
+    if let Ok(bytes) = serde_json::to_vec(s) {
+        if std::fs::write(&tmp, bytes).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+}
+
+/// Runs the supervisor for `guest` until the guest is stopped for good.
+pub fn run(state_dir: &Path, guest: &str) -> Result<(), ShimError> {
+    let paths = GuestPaths::new(state_dir, guest);
+    let cfg_path = paths.config();
+    let raw = std::fs::read(&cfg_path).map_err(|source| ShimError::Config { path: cfg_path.clone(), source })?;
+    let cfg: Guest =
+        serde_json::from_slice(&raw).map_err(|source| ShimError::ConfigParse { path: cfg_path.clone(), source })?;
+
+    // Signals are taken by a dedicated thread with sigwait; block them in
+    // every thread first (threads inherit the mask).
+    let mut sigs = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        sigs.add(s);
+    }
+    let _ = sigs.thread_block();
+
+    let listener = bind_control(&paths.socket(), guest)?;
+    let shared = Arc::new(Shared {
+        status: Mutex::new(ShimStatus {
+            guest: guest.to_owned(),
+            shim_pid: std::process::id() as i32,
+            state: ShimState::Starting,
+            runner_pid: None,
+            leader_pid: None,
+            restarts: 0,
+            last_exit: None,
+            started_at: None,
+            message: None,
+        }),
+        changed: Condvar::new(),
+        stop: AtomicBool::new(false),
+        waiters: Mutex::new(Vec::new()),
+        paths: paths.clone(),
+        stop_timeout: Duration::from_millis(cfg.stop_timeout_ms),
+    });
+    shared.update(|_| {});
+    log(&format!("supervising guest `{guest}` (restart={:?})", cfg.restart));
+
+    {
+        let sh = Arc::clone(&shared);
+        std::thread::spawn(move || {
+            if sigs.wait().is_ok() {
+                sh.request_stop();
+            }
+        });
+    }
+    {
+        let sh = Arc::clone(&shared);
+        std::thread::spawn(move || control_loop(listener, sh));
+    }
+
+    supervise(&cfg, state_dir, &shared);
+
+    // Final state is recorded; answer everyone waiting for it, then go.
+    let final_status = shared.lock().clone();
+    let mut line = serde_json::to_string(&final_status).unwrap_or_default();
+    line.push('\n');
+    for mut w in shared.waiters.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+        let _ = w.write_all(line.as_bytes());
+    }
+    let _ = std::fs::remove_file(paths.socket());
+    log(&format!("guest `{guest}` {}; shim exits", final_status.state.as_str()));
+    Ok(())
+}
+
+fn bind_control(path: &Path, guest: &str) -> Result<UnixListener, ShimError> {
+    match UnixListener::bind(path) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ShimError::AlreadyRunning(guest.to_owned()));
+            }
+            // A socket file left by a shim that died: take it over.
+            let _ = std::fs::remove_file(path);
+            UnixListener::bind(path).map_err(|source| ShimError::Socket { path: path.to_path_buf(), source })
+        }
+        Err(source) => Err(ShimError::Socket { path: path.to_path_buf(), source }),
+    }
+}
+
+fn control_loop(listener: UnixListener, shared: Arc<Shared>) {
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let sh = Arc::clone(&shared);
+        std::thread::spawn(move || handle(conn, &sh));
+    }
+}
+
+fn handle(conn: UnixStream, shared: &Arc<Shared>) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(match conn.try_clone() {
+        Ok(c) => c,
+        Err(_) => return,
+    });
+    let mut line = String::new();
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let mut conn = conn;
+    match serde_json::from_str::<Request>(&line) {
+        Ok(Request::Status) => {
+            let s = shared.lock().clone();
+            let mut out = serde_json::to_string(&s).unwrap_or_default();
+            out.push('\n');
+            let _ = conn.write_all(out.as_bytes());
+        }
+        Ok(Request::Stop) => {
+            shared.waiters.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+            shared.request_stop();
+        }
+        Err(e) => {
+            let _ = writeln!(conn, "{{\"error\":{}}}", serde_json::Value::String(e.to_string()));
+        }
+    }
+}
+
+/// Start, wait, decide; until stopped or the policy says no.
+fn supervise(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            shared.update(|s| s.state = ShimState::Stopped);
+            return;
+        }
+        shared.update(|s| s.state = ShimState::Starting);
+        let began = Instant::now();
+        let outcome = match start(cfg, state_dir, shared) {
+            Ok(mut child) => {
+                let status = child.wait();
+                let info = match status {
+                    Ok(st) => ExitInfo { code: st.code(), signal: st.signal(), at: now() },
+                    Err(_) => ExitInfo { code: None, signal: None, at: now() },
+                };
+                log(&format!("guest {}", info.describe()));
+                Ok(info)
+            }
+            Err(msg) => {
+                log(&format!("start failed: {msg}"));
+                Err(msg)
+            }
+        };
+        cleanup(cfg);
+        let stopping = shared.stop.load(Ordering::SeqCst);
+        let failed = !matches!(&outcome, Ok(i) if i.success());
+        shared.update(|s| {
+            s.runner_pid = None;
+            s.leader_pid = None;
+            match &outcome {
+                Ok(info) => s.last_exit = Some(info.clone()),
+                Err(msg) => s.message = Some(msg.clone()),
+            }
+        });
+        if stopping {
+            shared.update(|s| s.state = ShimState::Stopped);
+            return;
+        }
+        let again = match cfg.restart {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => failed,
+            RestartPolicy::Never => false,
+        };
+        if !again {
+            shared.update(|s| s.state = if failed { ShimState::Failed } else { ShimState::Stopped });
+            return;
+        }
+        if began.elapsed() > STABLE_AFTER {
+            backoff = Duration::from_millis(100);
+        }
+        log(&format!("restarting in {backoff:?} (restart={:?})", cfg.restart));
+        shared.update(|s| {
+            s.state = ShimState::Restarting;
+            s.restarts += 1;
+        });
+        // Sleep, but wake at once for a stop request.
+        let guard = shared.lock();
+        let _ = shared.changed.wait_timeout_while(guard, backoff, |_| !shared.stop.load(Ordering::SeqCst));
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Starts the container and returns once its network is configured and its
+/// command released. The returned child is systemd-nspawn.
+fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, String> {
+    if cfg.kind != GuestKind::Container {
+        return Err(format!("guest kind {:?} is not supported by this shim", cfg.kind));
+    }
+    let paths = &shared.paths;
+    let init = init::install(&lib_dir(state_dir)).map_err(|e| format!("installing berth-init: {e}"))?;
+    let sync = paths.sync_dir();
+    std::fs::create_dir_all(&sync).map_err(|e| format!("creating {}: {e}", sync.display()))?;
+    let ready = sync.join("ready");
+    let _ = std::fs::remove_file(&ready);
+
+    // Leftovers of an earlier run that died hard (shim killed): end them.
+    let _ = berth_net::delete_link(&cfg.link);
+    let cg = Cgroup::for_guest(&cfg.name);
+    cg.kill_all(Duration::from_secs(5)).map_err(|e| format!("ending leftover processes: {e}"))?;
+    cg.create().map_err(|e| e.to_string())?;
+    let warnings = cg.set_limits(cfg.memory, cfg.cpus).map_err(|e| e.to_string())?;
+    for w in &warnings {
+        log(&format!("warning: {w}"));
+    }
+
+    let console = open_console_log(&paths.console_log()).map_err(|e| format!("opening console log: {e}"))?;
+    let argv = nspawn_argv(&NspawnConfig {
+        machine: format!("berth-{}", cfg.name),
+        rootfs: cfg.rootfs.clone(),
+        command: cfg.command.clone(),
+        env: cfg.env.clone(),
+        init,
+        sync_dir: sync,
+        register: systemd_available(),
+    });
+    let procs = cg.procs_files().map_err(|e| e.to_string())?;
+    let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .envs(nspawn_env())
+        .stdin(Stdio::null())
+        .stdout(console.try_clone().map_err(|e| e.to_string())?)
+        .stderr(console);
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe calls (write(2), sigprocmask(2), prctl(2)); `fds`
+    // stay open in the parent until spawn() returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            berth_container::cgroup::join_from_pre_exec(&fds)?;
+            let empty = SigSet::empty();
+            nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&empty), None)
+                .map_err(std::io::Error::from)?;
+            // If the shim dies, nspawn is told to stop its container cleanly.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            "systemd-nspawn not found: install systemd-container".to_string()
+        } else {
+            format!("starting systemd-nspawn: {e}")
+        }
+    })?;
+    drop(procs);
+    let runner = child.id() as i32;
+    shared.update(|s| s.runner_pid = Some(runner));
+
+    let fail = |child: &mut Child, msg: String| -> String {
+        let _ = child.kill();
+        let _ = child.wait();
+        let tail = tail_lines(&paths.console_log(), 5);
+        if tail.is_empty() { msg } else { format!("{msg}; last output: {tail}") }
+    };
+    let Some(leader) = process::find_leader(runner, Duration::from_secs(15)) else {
+        return Err(fail(&mut child, "systemd-nspawn did not start the container".into()));
+    };
+    let link = berth_net::GuestLink {
+        name: cfg.link.clone(),
+        guest4: cfg.addr4,
+        host4: cfg.host4,
+        guest6: cfg.addr6,
+        host6: cfg.host6,
+    };
+    if let Err(e) = berth_net::setup_container_link(&link, leader) {
+        return Err(fail(&mut child, format!("network setup: {e}")));
+    }
+    if let Err(e) = std::fs::write(&ready, b"") {
+        return Err(fail(&mut child, format!("releasing the guest: {e}")));
+    }
+    log(&format!("guest running: nspawn pid {runner}, leader pid {leader}, {}", cfg.addresses().join(" ")));
+    shared.update(|s| {
+        s.state = ShimState::Running;
+        s.leader_pid = Some(leader);
+        s.started_at = Some(now());
+        s.message = (!warnings.is_empty()).then(|| warnings.join("; "));
+    });
+    Ok(child)
+}
+
+/// Removes what a run of the guest left on the host. Idempotent.
+fn cleanup(cfg: &Guest) {
+    let cg = Cgroup::for_guest(&cfg.name);
+    if let Err(e) = cg.kill_all(Duration::from_secs(5)) {
+        log(&format!("cleanup: {e}"));
+    }
+    if let Err(e) = cg.remove() {
+        log(&format!("cleanup: {e}"));
+    }
+    if let Err(e) = berth_net::delete_link(&cfg.link) {
+        log(&format!("cleanup: deleting {}: {e}", cfg.link));
+    }
+}
+
+fn open_console_log(path: &Path) -> std::io::Result<std::fs::File> {
+    if std::fs::metadata(path).map(|m| m.len() > CONSOLE_LOG_MAX).unwrap_or(false) {
+        let _ = std::fs::rename(path, path.with_extension("log.1"));
+    }
+    std::fs::OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// The last `n` lines of a file, joined with " | ", for error messages.
+pub fn tail_lines(path: &Path, n: usize) -> String {
+    let Ok(s) = std::fs::read(path) else { return String::new() };
+    let s = String::from_utf8_lossy(&s[s.len().saturating_sub(8192)..]).into_owned();
+    let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
+}
