@@ -1,14 +1,672 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! The planner: `plan(desired, observed) -> Plan`.
+//!
+//! A pure function: it takes values and returns values, with no clock and no
+//! IO, so every decision is unit-tested here. Each [`Action`] says what will
+//! happen to one guest (or the host), how much it interrupts ([`Impact`]),
+//! why, and which fields change.
+//!
+//! Rules, per guest:
+//!
+//! | desired | observed | action |
+//! |---|---|---|
+//! | present | absent | `Create` (impact none; starts if `autostart`) |
+//! | absent | present | `Destroy` (impact replace) |
+//! | present | `Partial` | `Replace` ("an earlier apply was interrupted") |
+//! | `kind`, `index` or addresses differ | any | `Replace` |
+//! | `rootfs`, `command`, `memory`, `cpus`, `env` differ | running | `Restart` |
+//! | only `autostart`, `restart`, `stop_timeout` differ | running | `Update` (live) |
+//! | same | running | unchanged |
+//! | same | stopped/failed/missing | `Start` if `autostart`, else unchanged |
+//! | changed | stopped/failed/missing | same kind as above, impact none (nothing running is interrupted); starts if `autostart` |
+//!
+//! Host: any difference in `uplink`, `subnet4`, `subnet6` or `max_guests`
+//! (or no host recorded yet) gives one `HostUpdate` action. Guests whose
+//! addresses move with a subnet change are replaced.
+//!
+//! Order: destroys first (they free indexes), then the host update, then
+//! replace/restart/update, then create/start; by guest name within each.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use berth_spec::{ByteSize, Desired, Guest, Host};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// What the daemon found for a guest it has a record of.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestStatus {
+    Running,
+    Stopped,
+    Failed,
+    /// Recorded but no process/supervisor found.
+    Missing,
+    /// An earlier apply died half-way through this guest.
+    Partial,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+impl GuestStatus {
+    pub fn is_running(self) -> bool {
+        self == GuestStatus::Running
     }
+}
+
+impl fmt::Display for GuestStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GuestStatus::Running => "running",
+            GuestStatus::Stopped => "stopped",
+            GuestStatus::Failed => "failed",
+            GuestStatus::Missing => "missing",
+            GuestStatus::Partial => "partial",
+        })
+    }
+}
+
+/// A guest as last applied, and how it is doing now.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ObservedGuest {
+    pub applied: Guest,
+    pub status: GuestStatus,
+}
+
+/// What is on the host now (from the store plus live probes).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct Observed {
+    /// Host settings last applied; `None` before the first apply.
+    pub host: Option<Host>,
+    pub guests: BTreeMap<String, ObservedGuest>,
+}
+
+impl Observed {
+    /// The observation after `desired` was applied completely, every guest
+    /// in `status`. With `GuestStatus::Running`, `plan(d, &from_desired(d, Running))`
+    /// is empty.
+    pub fn from_desired(desired: &Desired, status: GuestStatus) -> Observed {
+        Observed {
+            host: Some(desired.host.clone()),
+            guests: desired
+                .guests
+                .iter()
+                .map(|(name, g)| {
+                    (
+                        name.clone(),
+                        ObservedGuest {
+                            applied: g.clone(),
+                            status,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
+/// How much an action interrupts a guest. Ordered: the impact of an action
+/// is the largest impact of its changes.
+#[derive(
+    Serialize, Deserialize, JsonSchema, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Impact {
+    /// Nothing running is touched.
+    None,
+    /// Applied to the running guest without interrupting it.
+    Live,
+    /// The guest is stopped and started again.
+    Restart,
+    /// The guest is deleted and created again (new link/addresses).
+    Replace,
+}
+
+impl fmt::Display for Impact {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Impact::None => "none",
+            Impact::Live => "live",
+            Impact::Restart => "restart",
+            Impact::Replace => "replace",
+        })
+    }
+}
+
+/// What an action does.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    Create,
+    Start,
+    Update,
+    Restart,
+    Replace,
+    Destroy,
+    HostUpdate,
+}
+
+impl ActionKind {
+    /// The column marker in [`Plan`]'s Display, terraform-like.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            ActionKind::Create => "+",
+            ActionKind::Start => ">",
+            ActionKind::Update | ActionKind::Restart | ActionKind::HostUpdate => "~",
+            ActionKind::Replace => "-/+",
+            ActionKind::Destroy => "-",
+        }
+    }
+
+    /// Order class: destroy, host, change, create/start.
+    fn class(self) -> u8 {
+        match self {
+            ActionKind::Destroy => 0,
+            ActionKind::HostUpdate => 1,
+            ActionKind::Replace | ActionKind::Restart | ActionKind::Update => 2,
+            ActionKind::Create | ActionKind::Start => 3,
+        }
+    }
+}
+
+impl fmt::Display for ActionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ActionKind::Create => "create",
+            ActionKind::Start => "start",
+            ActionKind::Update => "update",
+            ActionKind::Restart => "restart",
+            ActionKind::Replace => "replace",
+            ActionKind::Destroy => "destroy",
+            ActionKind::HostUpdate => "host_update",
+        })
+    }
+}
+
+/// One changed field, values rendered for people ("128M", "10s", "unset").
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Spec field name (`memory`, `env.FOO`, `host.uplink`, `addresses`).
+    pub field: String,
+    pub from: String,
+    pub to: String,
+}
+
+/// What will happen to one guest (or, with `guest: None`, the host).
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    /// `None` = the host.
+    pub guest: Option<String>,
+    pub kind: ActionKind,
+    pub impact: Impact,
+    pub reason: String,
+    pub changes: Vec<Change>,
+    /// The guest should be running after this action.
+    pub start: bool,
+}
+
+/// Everything `apply` would do, in order.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// Guests that need nothing.
+    pub unchanged: Vec<String>,
+}
+
+impl Plan {
+    /// No actions.
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+
+    /// Actions that stop a running guest (impact restart or replace).
+    pub fn interrupted(&self) -> Vec<&Action> {
+        self.actions
+            .iter()
+            .filter(|a| a.impact >= Impact::Restart)
+            .collect()
+    }
+
+    /// The action for a guest, if any.
+    pub fn action(&self, guest: &str) -> Option<&Action> {
+        self.actions
+            .iter()
+            .find(|a| a.guest.as_deref() == Some(guest))
+    }
+
+    /// The host action, if any.
+    pub fn host_action(&self) -> Option<&Action> {
+        self.actions.iter().find(|a| a.guest.is_none())
+    }
+
+    /// "2 to create, 1 to restart, 0 to destroy; interrupts: db1". Counts of
+    /// start, update, restart and replace appear only when non-zero.
+    pub fn summary(&self) -> String {
+        let count = |k: ActionKind| self.actions.iter().filter(|a| a.kind == k).count();
+        let mut parts = vec![format!("{} to create", count(ActionKind::Create))];
+        for (kind, label) in [
+            (ActionKind::Start, "to start"),
+            (ActionKind::Update, "to update live"),
+            (ActionKind::Restart, "to restart"),
+            (ActionKind::Replace, "to replace"),
+        ] {
+            let n = count(kind);
+            if n > 0 {
+                parts.push(format!("{n} {label}"));
+            }
+        }
+        parts.push(format!("{} to destroy", count(ActionKind::Destroy)));
+        if count(ActionKind::HostUpdate) > 0 {
+            parts.push("host to update".to_string());
+        }
+        let interrupted: Vec<&str> = self
+            .interrupted()
+            .iter()
+            .filter_map(|a| a.guest.as_deref())
+            .collect();
+        let tail = if interrupted.is_empty() {
+            "no interruptions".to_string()
+        } else {
+            format!("interrupts: {}", interrupted.join(", "))
+        };
+        format!("{}; {tail}", parts.join(", "))
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("No changes.");
+        }
+        let name_w = self
+            .actions
+            .iter()
+            .map(|a| a.guest.as_deref().map_or(4, str::len))
+            .max()
+            .unwrap_or(4);
+        for a in &self.actions {
+            let name = a.guest.as_deref().unwrap_or("host");
+            let impact = format!("({})", a.impact);
+            writeln!(
+                f,
+                "{:>3} {name:<name_w$}  {:<11}  {impact:<9}  {}",
+                a.kind.symbol(),
+                a.kind.to_string(),
+                a.reason
+            )?;
+            for c in &a.changes {
+                writeln!(f, "{:>6}{}: {} → {}", "", c.field, c.from, c.to)?;
+            }
+        }
+        if !self.unchanged.is_empty() {
+            writeln!(f, "\nunchanged: {}", self.unchanged.join(", "))?;
+        }
+        write!(f, "\n{}", self.summary())
+    }
+}
+
+/// A field difference and how much it interrupts a running guest.
+struct Diff {
+    change: Change,
+    impact: Impact,
+}
+
+fn diff(out: &mut Vec<Diff>, field: &str, from: String, to: String, impact: Impact) {
+    if from != to {
+        out.push(Diff {
+            change: Change {
+                field: field.to_string(),
+                from,
+                to,
+            },
+            impact,
+        });
+    }
+}
+
+fn opt<T>(v: Option<T>, unset: &str, f: impl FnOnce(T) -> String) -> String {
+    v.map_or_else(|| unset.to_string(), f)
+}
+
+/// Renders milliseconds the way a spec writes them: "10s", "2m", "500ms".
+pub fn format_duration_ms(ms: u64) -> String {
+    if ms != 0 && ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms != 0 && ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms != 0 && ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn command_str(c: &[String]) -> String {
+    let parts: Vec<String> = c
+        .iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "/-_.=:,+@%".contains(ch))
+            {
+                a.clone()
+            } else {
+                format!("{a:?}")
+            }
+        })
+        .collect();
+    parts.join(" ")
+}
+
+fn diff_guest(old: &Guest, new: &Guest) -> Vec<Diff> {
+    let mut d = Vec::new();
+    diff(
+        &mut d,
+        "kind",
+        old.kind.to_string(),
+        new.kind.to_string(),
+        Impact::Replace,
+    );
+    diff(
+        &mut d,
+        "index",
+        old.index.to_string(),
+        new.index.to_string(),
+        Impact::Replace,
+    );
+    diff(
+        &mut d,
+        "addresses",
+        old.addresses().join(", "),
+        new.addresses().join(", "),
+        Impact::Replace,
+    );
+    // Host-side addresses and link follow from index and subnets; report
+    // them only if they differ on their own (e.g. a record from an older build).
+    if old.addresses() == new.addresses() && old.index == new.index {
+        let host = |g: &Guest| {
+            let mut v = vec![g.host4.to_string()];
+            v.extend(g.host6.map(|a| a.to_string()));
+            v.join(", ")
+        };
+        diff(
+            &mut d,
+            "host addresses",
+            host(old),
+            host(new),
+            Impact::Replace,
+        );
+        diff(
+            &mut d,
+            "link",
+            old.link.clone(),
+            new.link.clone(),
+            Impact::Replace,
+        );
+    }
+    diff(
+        &mut d,
+        "rootfs",
+        old.rootfs.display().to_string(),
+        new.rootfs.display().to_string(),
+        Impact::Restart,
+    );
+    diff(
+        &mut d,
+        "command",
+        command_str(&old.command),
+        command_str(&new.command),
+        Impact::Restart,
+    );
+    let mem = |m: Option<u64>| opt(m, "unlimited", |b| ByteSize(b).to_string());
+    diff(
+        &mut d,
+        "memory",
+        mem(old.memory),
+        mem(new.memory),
+        Impact::Restart,
+    );
+    // Compare cpus exactly (bit pattern), render short.
+    if old.cpus.map(f64::to_bits) != new.cpus.map(f64::to_bits) {
+        let cpus = |c: Option<f64>| opt(c, "unlimited", |c| c.to_string());
+        d.push(Diff {
+            change: Change {
+                field: "cpus".into(),
+                from: cpus(old.cpus),
+                to: cpus(new.cpus),
+            },
+            impact: Impact::Restart,
+        });
+    }
+    let keys: std::collections::BTreeSet<&String> = old.env.keys().chain(new.env.keys()).collect();
+    for k in keys {
+        let val = |g: &Guest| opt(g.env.get(k), "unset", |v| format!("{v:?}"));
+        diff(
+            &mut d,
+            &format!("env.{k}"),
+            val(old),
+            val(new),
+            Impact::Restart,
+        );
+    }
+    diff(
+        &mut d,
+        "autostart",
+        old.autostart.to_string(),
+        new.autostart.to_string(),
+        Impact::Live,
+    );
+    diff(
+        &mut d,
+        "restart",
+        old.restart.to_string(),
+        new.restart.to_string(),
+        Impact::Live,
+    );
+    diff(
+        &mut d,
+        "stop_timeout",
+        format_duration_ms(old.stop_timeout_ms),
+        format_duration_ms(new.stop_timeout_ms),
+        Impact::Live,
+    );
+    d
+}
+
+fn phrase(d: &Diff) -> String {
+    let c = &d.change;
+    let what = match d.impact {
+        Impact::Replace => "needs replace",
+        Impact::Restart => "needs restart",
+        Impact::Live | Impact::None => "applies live",
+    };
+    format!("{} {}→{} {what}", c.field, c.from, c.to)
+}
+
+fn guest_action(name: &str, new: &Guest, obs: &ObservedGuest) -> Option<Action> {
+    let diffs = diff_guest(&obs.applied, new);
+    let max = diffs.iter().map(|d| d.impact).max().unwrap_or(Impact::None);
+    let changes: Vec<Change> = diffs.iter().map(|d| d.change.clone()).collect();
+    let phrases = diffs.iter().map(phrase).collect::<Vec<_>>().join(", ");
+    let running = obs.status.is_running();
+    let guest = Some(name.to_string());
+
+    if obs.status == GuestStatus::Partial {
+        let mut reason = "an earlier apply was interrupted; recreating".to_string();
+        if !phrases.is_empty() {
+            reason = format!("{reason} ({phrases})");
+        }
+        return Some(Action {
+            guest,
+            kind: ActionKind::Replace,
+            impact: Impact::Replace,
+            reason,
+            changes,
+            start: new.autostart,
+        });
+    }
+
+    if diffs.is_empty() {
+        if running || !new.autostart {
+            return None;
+        }
+        return Some(Action {
+            guest,
+            kind: ActionKind::Start,
+            impact: Impact::None,
+            reason: format!("not running ({}); will start", obs.status),
+            changes,
+            start: true,
+        });
+    }
+
+    let kind = match max {
+        Impact::Replace => ActionKind::Replace,
+        Impact::Restart => ActionKind::Restart,
+        Impact::Live | Impact::None => ActionKind::Update,
+    };
+    if running {
+        return Some(Action {
+            guest,
+            kind,
+            impact: max,
+            reason: phrases,
+            changes,
+            start: true,
+        });
+    }
+    // Not running: nothing is interrupted, except that a replace still
+    // deletes and recreates the guest's resources.
+    let impact = if max == Impact::Replace {
+        Impact::Replace
+    } else {
+        Impact::None
+    };
+    let then = if new.autostart {
+        "will start with the new config"
+    } else {
+        "stays stopped (autostart is off)"
+    };
+    Some(Action {
+        guest,
+        kind,
+        impact,
+        reason: format!("{phrases}; not running ({}), {then}", obs.status),
+        changes,
+        start: new.autostart,
+    })
+}
+
+fn host_action(desired: &Host, observed: Option<&Host>) -> Option<Action> {
+    let Some(old) = observed else {
+        let mut reason = format!(
+            "set up host networking: NAT out of {} for {}",
+            desired.uplink, desired.subnet4
+        );
+        if let Some(s6) = desired.subnet6 {
+            reason.push_str(&format!(" and {s6}"));
+        }
+        return Some(Action {
+            guest: None,
+            kind: ActionKind::HostUpdate,
+            impact: Impact::None,
+            reason,
+            changes: Vec::new(),
+            start: false,
+        });
+    };
+    if old == desired {
+        return None;
+    }
+    let mut d = Vec::new();
+    diff(
+        &mut d,
+        "host.uplink",
+        old.uplink.clone(),
+        desired.uplink.clone(),
+        Impact::Live,
+    );
+    diff(
+        &mut d,
+        "host.subnet4",
+        old.subnet4.to_string(),
+        desired.subnet4.to_string(),
+        Impact::Live,
+    );
+    let s6 = |h: &Host| opt(h.subnet6, "unset", |n| n.to_string());
+    diff(&mut d, "host.subnet6", s6(old), s6(desired), Impact::Live);
+    diff(
+        &mut d,
+        "host.max_guests",
+        old.max_guests.to_string(),
+        desired.max_guests.to_string(),
+        Impact::None,
+    );
+    let impact = d.iter().map(|x| x.impact).max().unwrap_or(Impact::None);
+    let reason = d
+        .iter()
+        .map(|x| {
+            let c = &x.change;
+            match c.field.as_str() {
+                "host.uplink" => format!("NAT moves from {} to {}", c.from, c.to),
+                "host.max_guests" => format!("max_guests {}→{}", c.from, c.to),
+                _ => format!("{} {}→{}: NAT and routes follow", c.field, c.from, c.to),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    Some(Action {
+        guest: None,
+        kind: ActionKind::HostUpdate,
+        impact,
+        reason,
+        changes: d.into_iter().map(|x| x.change).collect(),
+        start: false,
+    })
+}
+
+/// Compares what the spec wants with what is there and says what to do.
+pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+    let mut actions = Vec::new();
+    let mut unchanged = Vec::new();
+
+    for name in observed.guests.keys() {
+        if !desired.guests.contains_key(name) {
+            actions.push(Action {
+                guest: Some(name.clone()),
+                kind: ActionKind::Destroy,
+                impact: Impact::Replace,
+                reason: "removed from the spec: will be stopped and deleted".to_string(),
+                changes: Vec::new(),
+                start: false,
+            });
+        }
+    }
+
+    actions.extend(host_action(&desired.host, observed.host.as_ref()));
+
+    for (name, new) in &desired.guests {
+        match observed.guests.get(name) {
+            None => {
+                let mut reason = format!("new {} at {}", new.kind, new.addresses().join(", "));
+                if !new.autostart {
+                    reason.push_str(" (autostart is off: not started)");
+                }
+                actions.push(Action {
+                    guest: Some(name.clone()),
+                    kind: ActionKind::Create,
+                    impact: Impact::None,
+                    reason,
+                    changes: Vec::new(),
+                    start: new.autostart,
+                });
+            }
+            Some(obs) => match guest_action(name, new, obs) {
+                Some(a) => actions.push(a),
+                None => unchanged.push(name.clone()),
+            },
+        }
+    }
+
+    // Stable sort: within a class, the loops above already go by name.
+    actions.sort_by_key(|a| a.kind.class());
+    Plan { actions, unchanged }
 }
