@@ -173,10 +173,13 @@ async fn add_addr(
     let mut req = handle.address().add(index, addr, prefix);
     if addr.is_ipv6() {
         // IFA_F_NODAD: usable at once, no duplicate address detection delay.
+        // IFA_F_NOPREFIXROUTE: no kernel "ADDR/128 dev IF" prefix route; the
+        // explicit host routes are the only routes on a berth link.
         let msg = req.message_mut();
         msg.header.flags |= AddressHeaderFlags::Nodad;
-        msg.attributes
-            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        msg.attributes.push(AddressAttribute::Flags(
+            AddressFlags::Nodad | AddressFlags::Noprefixroute,
+        ));
     }
     req.replace()
         .execute()
@@ -388,10 +391,18 @@ pub fn setup_container_link(link: &GuestLink, pid: i32) -> Result<(), NetError> 
                 name: name.to_string(),
                 netns: "host netns".into(),
             })?;
-        futures::try_join!(
+        let configured = futures::try_join!(
             configure_host_side(&host, link, index),
             configure_guest_side(&guest, link, pid)
-        )?;
+        );
+        if let Err(e) = configured {
+            // Leave nothing half-configured behind: deleting the host side
+            // also deletes the peer inside the container.
+            if let Err(cleanup) = delete_index(&host, index, name).await {
+                tracing::warn!(link = name, error = %cleanup, "cannot remove link after failed setup");
+            }
+            return Err(e);
+        }
         Ok::<_, NetError>(())
     })?;
     tracing::info!(
@@ -610,6 +621,29 @@ mod tests {
         assert!(check_ifname("a/b").is_err());
         let e = check_ifname("a b").unwrap_err().to_string();
         assert!(e.contains("\"a b\""), "{e}");
+    }
+
+    #[test]
+    fn setup_names_the_missing_process() {
+        let link = GuestLink {
+            name: "vb9".into(),
+            guest4: "10.0.0.9".parse().unwrap(),
+            host4: "10.0.0.1".parse().unwrap(),
+            guest6: None,
+            host6: None,
+        };
+        // PIDs are at most 2^22, so this one cannot exist.
+        let err = setup_container_link(&link, i32::MAX).unwrap_err();
+        assert!(matches!(err, NetError::NetnsOpen { .. }), "{err:?}");
+        assert!(err.to_string().contains(&i32::MAX.to_string()), "{err}");
+        let bad = GuestLink {
+            name: "much-too-long-name".into(),
+            ..link
+        };
+        assert!(matches!(
+            setup_container_link(&bad, 1),
+            Err(NetError::InvalidName { .. })
+        ));
     }
 
     #[test]
