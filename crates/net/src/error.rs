@@ -64,7 +64,7 @@ pub enum NetError {
         source: io::Error,
     },
     /// `nft` ran and reported an error.
-    #[error("nft failed to {action} (table inet berth), exit {status}: {stderr}")]
+    #[error("nft failed to {action} (table inet berth), {status}: {stderr}")]
     Nft {
         action: &'static str,
         status: String,

@@ -518,6 +518,11 @@ mod tests {
                     eprintln!("skipping nft_check_accepts_ruleset: nft is not installed");
                     return;
                 }
+                // `nft -c` still talks to the kernel, which wants CAP_NET_ADMIN.
+                Err(e @ NetError::Nft { .. }) if !required && !nix::unistd::geteuid().is_root() => {
+                    eprintln!("skipping nft_check_accepts_ruleset: not root ({e})");
+                    return;
+                }
                 Err(e) => panic!("nft -c rejected the ruleset: {e}\n{}", render_ruleset(&f)),
             }
         }
