@@ -85,9 +85,19 @@ pub enum ApplyEvent {
     /// The plan about to be applied (first line).
     Plan { text: String, actions: usize },
     /// A step of one guest (or the host when `guest` is null) began, ended or failed.
-    Step { guest: Option<String>, step: String, status: StepStatus, message: String, elapsed_ms: u64 },
+    Step {
+        guest: Option<String>,
+        step: String,
+        status: StepStatus,
+        message: String,
+        elapsed_ms: u64,
+    },
     /// Last line.
-    Done { ok: bool, summary: String, errors: Vec<String> },
+    Done {
+        ok: bool,
+        summary: String,
+        errors: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
@@ -134,11 +144,10 @@ pub fn openapi() -> serde_json::Value {
     let error = r(generator.subschema_for::<ErrorBody>());
     let defs = generator.take_definitions(true);
 
-    let ok = |schema: &serde_json::Value, what: &str| {
-        json!({ "description": what, "content": { "application/json": { "schema": schema } } })
-    };
+    let ok = |schema: &serde_json::Value, what: &str| json!({ "description": what, "content": { "application/json": { "schema": schema } } });
     let err = |what: &str| json!({ "description": what, "content": { "application/json": { "schema": error } } });
-    let name_param = json!({ "name": "name", "in": "path", "required": true, "schema": { "type": "string" } });
+    let name_param =
+        json!({ "name": "name", "in": "path", "required": true, "schema": { "type": "string" } });
     let action = |verb: &str| {
         json!({ "post": {
             "summary": format!("{verb} one guest"),

@@ -19,6 +19,10 @@ pub struct NspawnConfig {
     pub sync_dir: PathBuf,
     /// Register with systemd-machined (only when systemd and D-Bus run).
     pub register: bool,
+    /// Throw-away overlay over the rootfs (`--volatile=overlay`).
+    pub ephemeral: bool,
+    /// Read-only rootfs (`--read-only`).
+    pub read_only: bool,
 }
 
 /// The argument vector, program first.
@@ -38,6 +42,13 @@ pub fn nspawn_argv(c: &NspawnConfig) -> Vec<String> {
         format!("--bind-ro={}:{}", c.init.display(), INIT_IN_GUEST),
         format!("--bind-ro={}:{}", c.sync_dir.display(), SYNC_IN_GUEST),
     ];
+    if c.ephemeral {
+        // The rootfs is the read-only lower layer of an overlay whose upper
+        // layer is a tmpfs: shareable, and nothing survives a restart.
+        v.push("--volatile=overlay".into());
+    } else if c.read_only {
+        v.push("--read-only".into());
+    }
     if c.register {
         v.push("--register=yes".into());
     } else {
@@ -83,6 +94,8 @@ mod tests {
             init: "/var/lib/berth/lib/berth-init".into(),
             sync_dir: "/var/lib/berth/guests/db1/sync".into(),
             register,
+            ephemeral: false,
+            read_only: false,
         }
     }
 
@@ -108,6 +121,21 @@ mod tests {
             &v[dd + 1..],
             ["/.berth-init", "/bin/sh", "-c", "httpd -f -p 80"]
         );
+    }
+
+    #[test]
+    fn argv_rootfs_modes() {
+        let mut c = cfg(false);
+        assert!(
+            !nspawn_argv(&c)
+                .iter()
+                .any(|a| a.starts_with("--volatile") || a == "--read-only")
+        );
+        c.ephemeral = true;
+        assert!(nspawn_argv(&c).iter().any(|a| a == "--volatile=overlay"));
+        c.ephemeral = false;
+        c.read_only = true;
+        assert!(nspawn_argv(&c).iter().any(|a| a == "--read-only"));
     }
 
     #[test]

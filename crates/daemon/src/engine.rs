@@ -31,14 +31,20 @@ pub enum EngineError {
 
 impl EngineError {
     fn guest(guest: &str, message: impl Into<String>) -> EngineError {
-        EngineError::Guest { guest: guest.to_owned(), message: message.into() }
+        EngineError::Guest {
+            guest: guest.to_owned(),
+            message: message.into(),
+        }
     }
 }
 
 /// How long a started guest must stay up before `apply` calls it started.
 /// A guest that exits within this window is reported as failing at once.
 pub fn start_grace() -> Duration {
-    let ms = std::env::var("BERTH_START_GRACE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
+    let ms = std::env::var("BERTH_START_GRACE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
     Duration::from_millis(ms)
 }
 
@@ -50,7 +56,10 @@ pub struct Engine {
 }
 
 fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl Engine {
@@ -59,7 +68,9 @@ impl Engine {
     }
 
     fn record(&self, name: &str) -> Result<GuestRecord, EngineError> {
-        self.store.guest(name)?.ok_or_else(|| EngineError::NoSuchGuest(name.to_owned()))
+        self.store
+            .guest(name)?
+            .ok_or_else(|| EngineError::NoSuchGuest(name.to_owned()))
     }
 
     fn applied(&self, rec: &GuestRecord) -> Result<Guest, EngineError> {
@@ -75,7 +86,9 @@ impl Engine {
         };
         let mut guests = std::collections::BTreeMap::new();
         for rec in self.store.guests()? {
-            let Ok(applied) = self.applied(&rec) else { continue };
+            let Ok(applied) = self.applied(&rec) else {
+                continue;
+            };
             let status = if rec.phase != Phase::Ready {
                 GuestStatus::Partial
             } else {
@@ -100,7 +113,11 @@ impl Engine {
 
     /// `berth ps` rows.
     pub fn list(&self) -> Result<Vec<GuestInfo>, EngineError> {
-        self.store.guests()?.iter().map(|r| self.info_of(r)).collect()
+        self.store
+            .guests()?
+            .iter()
+            .map(|r| self.info_of(r))
+            .collect()
     }
 
     pub fn info(&self, name: &str) -> Result<GuestInfo, EngineError> {
@@ -134,10 +151,15 @@ impl Engine {
             link: g.link.clone(),
             restarts: live.as_ref().map(|s| s.restarts).unwrap_or(0),
             memory: g.memory,
-            restart: format!("{:?}", g.restart).to_lowercase().replace("onfailure", "on-failure"),
+            restart: format!("{:?}", g.restart)
+                .to_lowercase()
+                .replace("onfailure", "on-failure"),
             autostart: g.autostart,
             started_at: live.as_ref().and_then(|s| s.started_at),
-            last_exit: last.as_ref().and_then(|s| s.last_exit.as_ref()).map(|e| e.describe()),
+            last_exit: last
+                .as_ref()
+                .and_then(|s| s.last_exit.as_ref())
+                .map(|e| e.describe()),
             message: last.and_then(|s| s.message),
         })
     }
@@ -165,7 +187,11 @@ impl Engine {
 
     /// Re-renders the firewall for the guests recorded now (after a destroy).
     pub fn refresh_firewall(&self) -> Result<(), EngineError> {
-        let Some(host) = self.store.host()?.and_then(|j| serde_json::from_str::<Host>(&j).ok()) else {
+        let Some(host) = self
+            .store
+            .host()?
+            .and_then(|j| serde_json::from_str::<Host>(&j).ok())
+        else {
             return Ok(());
         };
         let recs = self.store.guests()?;
@@ -177,9 +203,24 @@ impl Engine {
 
     /// Records `g` as wanted, writes its config, and starts it if `start`.
     /// On failure the guest is removed again, leaving the host as it was.
-    pub fn create(&self, g: &Guest, start: bool, generation: i64, plan_id: i64) -> Result<(), EngineError> {
+    pub fn create(
+        &self,
+        g: &Guest,
+        start: bool,
+        generation: i64,
+        plan_id: i64,
+    ) -> Result<(), EngineError> {
         self.step(plan_id, &g.name, "create", StepStatus::Started, "")?;
-        self.put(g, if start { RunState::Running } else { RunState::Stopped }, Phase::Creating, generation)?;
+        self.put(
+            g,
+            if start {
+                RunState::Running
+            } else {
+                RunState::Stopped
+            },
+            Phase::Creating,
+            generation,
+        )?;
         self.write_config(g)?;
         let res = if start { self.start_shim(g) } else { Ok(()) };
         match res {
@@ -189,7 +230,13 @@ impl Engine {
                 Ok(())
             }
             Err(e) => {
-                self.step(plan_id, &g.name, "create", StepStatus::Failed, &e.to_string())?;
+                self.step(
+                    plan_id,
+                    &g.name,
+                    "create",
+                    StepStatus::Failed,
+                    &e.to_string(),
+                )?;
                 let _ = self.remove(&g.name, g);
                 Err(e)
             }
@@ -198,11 +245,27 @@ impl Engine {
 
     /// Stops the guest if running, records the new config, starts it again.
     /// If the new config fails to start, the previous one is brought back.
-    pub fn restart_with(&self, old: &Guest, new: &Guest, start: bool, generation: i64, plan_id: i64) -> Result<(), EngineError> {
+    pub fn restart_with(
+        &self,
+        old: &Guest,
+        new: &Guest,
+        start: bool,
+        generation: i64,
+        plan_id: i64,
+    ) -> Result<(), EngineError> {
         self.step(plan_id, &new.name, "restart", StepStatus::Started, "")?;
         self.store.set_phase(&new.name, Phase::Creating)?;
         self.stop_shim(&new.name)?;
-        self.put(new, if start { RunState::Running } else { RunState::Stopped }, Phase::Creating, generation)?;
+        self.put(
+            new,
+            if start {
+                RunState::Running
+            } else {
+                RunState::Stopped
+            },
+            Phase::Creating,
+            generation,
+        )?;
         self.write_config(new)?;
         let res = if start { self.start_shim(new) } else { Ok(()) };
         match res {
@@ -212,11 +275,22 @@ impl Engine {
                 Ok(())
             }
             Err(e) => {
-                self.step(plan_id, &new.name, "restart", StepStatus::Failed, &e.to_string())?;
+                self.step(
+                    plan_id,
+                    &new.name,
+                    "restart",
+                    StepStatus::Failed,
+                    &e.to_string(),
+                )?;
                 // Undo: the previous config, as it was.
                 let _ = self.stop_shim(&new.name);
                 let rec = self.store.guest(&old.name)?;
-                self.put(old, RunState::Running, Phase::Creating, rec.map(|r| r.generation).unwrap_or(generation))?;
+                self.put(
+                    old,
+                    RunState::Running,
+                    Phase::Creating,
+                    rec.map(|r| r.generation).unwrap_or(generation),
+                )?;
                 self.write_config(old)?;
                 if self.start_shim(old).is_ok() {
                     self.store.set_phase(&old.name, Phase::Ready)?;
@@ -268,8 +342,10 @@ impl Engine {
         let _ = self.stop_shim(name);
         let cg = Cgroup::for_guest(name);
         if cg.exists() {
-            cg.kill_all(Duration::from_secs(5)).map_err(|e| EngineError::guest(name, e.to_string()))?;
-            cg.remove().map_err(|e| EngineError::guest(name, e.to_string()))?;
+            cg.kill_all(Duration::from_secs(5))
+                .map_err(|e| EngineError::guest(name, e.to_string()))?;
+            cg.remove()
+                .map_err(|e| EngineError::guest(name, e.to_string()))?;
             removed.push(format!("cgroup berth/{name}"));
         }
         let mut links = vec![g.link.clone()];
@@ -285,17 +361,24 @@ impl Engine {
         }
         let dir = self.paths(name).dir;
         if dir.exists() {
-            std::fs::remove_dir_all(&dir)
-                .map_err(|e| EngineError::guest(name, format!("removing {}: {e}", dir.display())))?;
+            std::fs::remove_dir_all(&dir).map_err(|e| {
+                EngineError::guest(name, format!("removing {}: {e}", dir.display()))
+            })?;
             removed.push(format!("dir {}", dir.display()));
         }
         self.store.delete_guest(name)?;
         Ok(removed)
     }
 
-    fn put(&self, g: &Guest, run: RunState, phase: Phase, generation: i64) -> Result<(), EngineError> {
-        let config_json =
-            serde_json::to_string(g).map_err(|e| EngineError::guest(&g.name, format!("serializing config: {e}")))?;
+    fn put(
+        &self,
+        g: &Guest,
+        run: RunState,
+        phase: Phase,
+        generation: i64,
+    ) -> Result<(), EngineError> {
+        let config_json = serde_json::to_string(g)
+            .map_err(|e| EngineError::guest(&g.name, format!("serializing config: {e}")))?;
         self.store.put_guest(&GuestRecord {
             name: g.name.clone(),
             kind: format!("{:?}", g.kind).to_lowercase(),
@@ -306,26 +389,44 @@ impl Engine {
             generation,
             updated_at: now(),
         })?;
-        for (kind, rname) in [("link", g.link.clone()), ("cgroup", format!("berth/{}", g.name))] {
-            self.store.add_resource(&Resource { kind: kind.into(), name: rname, guest: Some(g.name.clone()), detail: String::new() })?;
+        for (kind, rname) in [
+            ("link", g.link.clone()),
+            ("cgroup", format!("berth/{}", g.name)),
+        ] {
+            self.store.add_resource(&Resource {
+                kind: kind.into(),
+                name: rname,
+                guest: Some(g.name.clone()),
+                detail: String::new(),
+            })?;
         }
         Ok(())
     }
 
     fn write_config(&self, g: &Guest) -> Result<(), EngineError> {
         let paths = self.paths(&g.name);
-        std::fs::create_dir_all(&paths.dir)
-            .map_err(|e| EngineError::guest(&g.name, format!("creating {}: {e}", paths.dir.display())))?;
+        std::fs::create_dir_all(&paths.dir).map_err(|e| {
+            EngineError::guest(&g.name, format!("creating {}: {e}", paths.dir.display()))
+        })?;
         let tmp = paths.config().with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(g).map_err(|e| EngineError::guest(&g.name, e.to_string()))?;
+        let bytes =
+            serde_json::to_vec_pretty(g).map_err(|e| EngineError::guest(&g.name, e.to_string()))?;
         std::fs::write(&tmp, bytes)
             .and_then(|()| std::fs::rename(&tmp, paths.config()))
             .map_err(|e| EngineError::guest(&g.name, format!("writing config: {e}")))
     }
 
-    fn step(&self, plan_id: i64, guest: &str, step: &str, status: StepStatus, detail: &str) -> Result<(), EngineError> {
+    fn step(
+        &self,
+        plan_id: i64,
+        guest: &str,
+        step: &str,
+        status: StepStatus,
+        detail: &str,
+    ) -> Result<(), EngineError> {
         if plan_id > 0 {
-            self.store.journal(plan_id, Some(guest), step, status, detail)?;
+            self.store
+                .journal(plan_id, Some(guest), step, status, detail)?;
         }
         Ok(())
     }
@@ -349,7 +450,12 @@ impl Engine {
         let deadline = Instant::now() + Duration::from_secs(60);
         let failed = |s: Option<&ShimStatus>| -> EngineError {
             let how = s
-                .and_then(|s| s.last_exit.as_ref().map(|e| e.describe()).or_else(|| s.message.clone()))
+                .and_then(|s| {
+                    s.last_exit
+                        .as_ref()
+                        .map(|e| e.describe())
+                        .or_else(|| s.message.clone())
+                })
                 .unwrap_or_else(|| "did not start".into());
             let tail = berth_shim::tail_lines(&paths.console_log(), 5);
             let shim_tail = berth_shim::tail_lines(&paths.shim_log(), 3);
@@ -380,7 +486,10 @@ impl Engine {
             }
             if Instant::now() > deadline {
                 let _ = self.stop_shim(&g.name);
-                return Err(EngineError::guest(&g.name, "did not reach running within 60 s"));
+                return Err(EngineError::guest(
+                    &g.name,
+                    "did not reach running within 60 s",
+                ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -406,13 +515,20 @@ impl Engine {
             .unwrap_or(Duration::from_secs(30));
         match client::request(&paths.socket(), &Request::Stop, timeout) {
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) => {}
             Err(e) => return Err(EngineError::guest(name, format!("stopping: {e}"))),
         }
         // The shim removes its socket as it exits; wait for that so a new
         // shim can bind it.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while paths.socket().exists() && client::status(&paths).is_some() && Instant::now() < deadline {
+        while paths.socket().exists()
+            && client::status(&paths).is_some()
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(5));
         }
         Ok(())
@@ -481,13 +597,19 @@ impl Engine {
             }
             self.store.remove_resource(&r.kind, &r.name)?;
         }
-        for d in [berth_shim::paths::lib_dir(&self.state_dir), self.state_dir.join("guests")] {
+        for d in [
+            berth_shim::paths::lib_dir(&self.state_dir),
+            self.state_dir.join("guests"),
+        ] {
             if d.exists() && std::fs::remove_dir_all(&d).is_ok() {
                 removed.push(format!("dir {}", d.display()));
             }
         }
         if !errors.is_empty() {
-            return Err(EngineError::Host(format!("destroy left some resources: {}", errors.join("; "))));
+            return Err(EngineError::Host(format!(
+                "destroy left some resources: {}",
+                errors.join("; ")
+            )));
         }
         self.store.delete_host()?;
         Ok(removed)
@@ -500,7 +622,13 @@ impl Engine {
 }
 
 pub fn link_of(g: &Guest) -> berth_net::GuestLink {
-    berth_net::GuestLink { name: g.link.clone(), guest4: g.addr4, host4: g.host4, guest6: g.addr6, host6: g.host6 }
+    berth_net::GuestLink {
+        name: g.link.clone(),
+        guest4: g.addr4,
+        host4: g.host4,
+        guest6: g.addr6,
+        host6: g.host6,
+    }
 }
 
 /// Host facts for spec validation, read in the daemon's own network namespace.

@@ -12,7 +12,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use berth_api::{
-    ApplyEvent, DestroyResponse, ErrorBody, GuestInfo, PlanResponse, SpecRequest, StepStatus, VersionInfo,
+    ApplyEvent, DestroyResponse, ErrorBody, GuestInfo, PlanResponse, SpecRequest, StepStatus,
+    VersionInfo,
 };
 use berth_plan::{Action, ActionKind, Plan};
 use berth_spec::{Desired, Guest};
@@ -28,7 +29,10 @@ struct App {
 }
 
 pub fn router(engine: Arc<Engine>) -> axum::Router {
-    let app = App { engine, apply_lock: Arc::new(Mutex::new(())) };
+    let app = App {
+        engine,
+        apply_lock: Arc::new(Mutex::new(())),
+    };
     axum::Router::new()
         .route("/v1/version", get(version))
         .route("/v1/guests", get(list).delete(destroy_all))
@@ -38,7 +42,12 @@ pub fn router(engine: Arc<Engine>) -> axum::Router {
         .route("/v1/guests/{name}/restart", post(restart))
         .route("/v1/plan", post(plan))
         .route("/v1/apply", post(apply))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see openapi/berth.json") })
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see openapi/berth.json",
+            )
+        })
         .with_state(app)
 }
 
@@ -49,7 +58,13 @@ struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, msg: impl Into<String>) -> ApiError {
-        ApiError { status, body: ErrorBody { error: msg.into(), details: vec![] } }
+        ApiError {
+            status,
+            body: ErrorBody {
+                error: msg.into(),
+                details: vec![],
+            },
+        }
     }
 }
 
@@ -65,7 +80,13 @@ impl From<EngineError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, format!("request body is not a valid spec request: {}", e.body_text()))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "request body is not a valid spec request: {}",
+                e.body_text()
+            ),
+        )
     }
 }
 
@@ -80,12 +101,19 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(ApiError::from),
-        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal task failed: {e}"))),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("internal task failed: {e}"),
+        )),
     }
 }
 
 async fn version() -> Json<VersionInfo> {
-    Json(VersionInfo { version: env!("CARGO_PKG_VERSION").into(), api: "v1".into(), pid: std::process::id() })
+    Json(VersionInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        api: "v1".into(),
+        pid: std::process::id(),
+    })
 }
 
 async fn list(State(app): State<App>) -> Result<Json<Vec<GuestInfo>>, ApiError> {
@@ -93,30 +121,56 @@ async fn list(State(app): State<App>) -> Result<Json<Vec<GuestInfo>>, ApiError> 
     Ok(Json(blocking(move || e.list()).await?))
 }
 
-async fn one(State(app): State<App>, Path(name): Path<String>) -> Result<Json<GuestInfo>, ApiError> {
+async fn one(
+    State(app): State<App>,
+    Path(name): Path<String>,
+) -> Result<Json<GuestInfo>, ApiError> {
     let e = app.engine.clone();
     Ok(Json(blocking(move || e.info(&name)).await?))
 }
 
-async fn start(State(app): State<App>, Path(name): Path<String>) -> Result<Json<GuestInfo>, ApiError> {
+async fn start(
+    State(app): State<App>,
+    Path(name): Path<String>,
+) -> Result<Json<GuestInfo>, ApiError> {
     let _g = app.apply_lock.lock().await;
     let e = app.engine.clone();
-    Ok(Json(blocking(move || e.start(&name).and_then(|()| e.info(&name))).await?))
+    Ok(Json(
+        blocking(move || e.start(&name).and_then(|()| e.info(&name))).await?,
+    ))
 }
 
-async fn stop(State(app): State<App>, Path(name): Path<String>) -> Result<Json<GuestInfo>, ApiError> {
+async fn stop(
+    State(app): State<App>,
+    Path(name): Path<String>,
+) -> Result<Json<GuestInfo>, ApiError> {
     let _g = app.apply_lock.lock().await;
     let e = app.engine.clone();
-    Ok(Json(blocking(move || e.stop(&name).and_then(|()| e.info(&name))).await?))
+    Ok(Json(
+        blocking(move || e.stop(&name).and_then(|()| e.info(&name))).await?,
+    ))
 }
 
-async fn restart(State(app): State<App>, Path(name): Path<String>) -> Result<Json<GuestInfo>, ApiError> {
+async fn restart(
+    State(app): State<App>,
+    Path(name): Path<String>,
+) -> Result<Json<GuestInfo>, ApiError> {
     let _g = app.apply_lock.lock().await;
     let e = app.engine.clone();
-    Ok(Json(blocking(move || e.stop(&name).and_then(|()| e.start(&name)).and_then(|()| e.info(&name))).await?))
+    Ok(Json(
+        blocking(move || {
+            e.stop(&name)
+                .and_then(|()| e.start(&name))
+                .and_then(|()| e.info(&name))
+        })
+        .await?,
+    ))
 }
 
-async fn destroy_one(State(app): State<App>, Path(name): Path<String>) -> Result<Json<DestroyResponse>, ApiError> {
+async fn destroy_one(
+    State(app): State<App>,
+    Path(name): Path<String>,
+) -> Result<Json<DestroyResponse>, ApiError> {
     let _g = app.apply_lock.lock().await;
     let e = app.engine.clone();
     let removed = blocking(move || {
@@ -125,7 +179,10 @@ async fn destroy_one(State(app): State<App>, Path(name): Path<String>) -> Result
         Ok((name, removed))
     })
     .await?;
-    Ok(Json(DestroyResponse { destroyed: vec![removed.0], removed: removed.1 }))
+    Ok(Json(DestroyResponse {
+        destroyed: vec![removed.0],
+        removed: removed.1,
+    }))
 }
 
 async fn destroy_all(State(app): State<App>) -> Result<Json<DestroyResponse>, ApiError> {
@@ -136,13 +193,20 @@ async fn destroy_all(State(app): State<App>) -> Result<Json<DestroyResponse>, Ap
         Ok((names, e.destroy_all()?))
     })
     .await?;
-    Ok(Json(DestroyResponse { destroyed: names, removed }))
+    Ok(Json(DestroyResponse {
+        destroyed: names,
+        removed,
+    }))
 }
 
 /// Validates a spec request in the daemon's view of the host.
 async fn validated(req: SpecRequest) -> Result<Desired, ApiError> {
     let res = tokio::task::spawn_blocking(move || {
-        let file = if req.file.is_empty() { "<request>".to_string() } else { req.file.clone() };
+        let file = if req.file.is_empty() {
+            "<request>".to_string()
+        } else {
+            req.file.clone()
+        };
         berth_spec::validate(&req.spec, std::path::Path::new(&file), &LocalProbe)
     })
     .await
@@ -158,31 +222,51 @@ async fn validated(req: SpecRequest) -> Result<Desired, ApiError> {
 
 fn warnings(desired: &Desired) -> Vec<String> {
     let mut w = Vec::new();
-    if !berth_container::systemd_available() && desired.guests.values().any(|g| g.kind == berth_spec::GuestKind::Container) {
+    if !berth_container::systemd_available()
+        && desired
+            .guests
+            .values()
+            .any(|g| g.kind == berth_spec::GuestKind::Container)
+    {
         w.push("systemd/D-Bus not running: containers are not registered with machined (machinectl will not list them)".into());
     }
     w
 }
 
-async fn plan(State(app): State<App>, body: Result<Json<SpecRequest>, JsonRejection>) -> Result<Json<PlanResponse>, ApiError> {
+async fn plan(
+    State(app): State<App>,
+    body: Result<Json<SpecRequest>, JsonRejection>,
+) -> Result<Json<PlanResponse>, ApiError> {
     let Json(req) = body?;
     let desired = validated(req).await?;
     let e = app.engine.clone();
     let d = desired.clone();
     let plan = blocking(move || Ok(berth_plan::plan(&d, &e.observed()?))).await?;
-    Ok(Json(PlanResponse { text: plan.to_string(), plan, warnings: warnings(&desired) }))
+    Ok(Json(PlanResponse {
+        text: plan.to_string(),
+        plan,
+        warnings: warnings(&desired),
+    }))
 }
 
-async fn apply(State(app): State<App>, body: Result<Json<SpecRequest>, JsonRejection>) -> Result<Response, ApiError> {
+async fn apply(
+    State(app): State<App>,
+    body: Result<Json<SpecRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(req) = body?;
-    let source = if req.file.is_empty() { "<request>".to_string() } else { req.file.clone() };
+    let source = if req.file.is_empty() {
+        "<request>".to_string()
+    } else {
+        req.file.clone()
+    };
     let spec_json = serde_json::to_string(&req.spec).unwrap_or_default();
     let desired = validated(req).await?;
-    let guard = app
-        .apply_lock
-        .clone()
-        .try_lock_owned()
-        .map_err(|_| ApiError::new(StatusCode::CONFLICT, "another apply or destroy is running; try again when it ends"))?;
+    let guard = app.apply_lock.clone().try_lock_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "another apply or destroy is running; try again when it ends",
+        )
+    })?;
     let (tx, rx) = mpsc::channel::<ApplyEvent>(256);
     let engine = app.engine.clone();
     tokio::task::spawn_blocking(move || {
@@ -195,26 +279,46 @@ async fn apply(State(app): State<App>, body: Result<Json<SpecRequest>, JsonRejec
         line.push(b'\n');
         Some((Ok::<_, std::convert::Infallible>(line), rx))
     });
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }
 
 /// Executes a plan: host first, destroys one by one, then every other guest
 /// action in parallel. Emits one event per step; never panics on a guest
 /// failure (it is reported and the rest carries on).
-fn run_apply(engine: &Engine, desired: &Desired, source: &str, spec_json: &str, tx: &mpsc::Sender<ApplyEvent>) {
+fn run_apply(
+    engine: &Engine,
+    desired: &Desired,
+    source: &str,
+    spec_json: &str,
+    tx: &mpsc::Sender<ApplyEvent>,
+) {
     let send = |ev: ApplyEvent| {
         let _ = tx.blocking_send(ev);
     };
     let fail = |msg: String| {
-        send(ApplyEvent::Done { ok: false, summary: "apply failed".into(), errors: vec![msg] });
+        send(ApplyEvent::Done {
+            ok: false,
+            summary: "apply failed".into(),
+            errors: vec![msg],
+        });
     };
     let observed = match engine.observed() {
         Ok(o) => o,
         Err(e) => return fail(e.to_string()),
     };
     let plan: Plan = berth_plan::plan(desired, &observed);
-    send(ApplyEvent::Plan { text: plan.to_string(), actions: plan.actions.len() });
-    let (generation, plan_id) = match (engine.store.save_spec(source, spec_json), engine.store.next_plan_id()) {
+    send(ApplyEvent::Plan {
+        text: plan.to_string(),
+        actions: plan.actions.len(),
+    });
+    let (generation, plan_id) = match (
+        engine.store.save_spec(source, spec_json),
+        engine.store.next_plan_id(),
+    ) {
         (Ok(g), Ok(p)) => (g, p),
         (Err(e), _) | (_, Err(e)) => return fail(e.to_string()),
     };
@@ -224,8 +328,18 @@ fn run_apply(engine: &Engine, desired: &Desired, source: &str, spec_json: &str, 
     // and the ones about to be created, so every guest link is filtered from
     // its first packet.
     let t = Instant::now();
-    send(step(None, "host", StepStatus::Started, "forwarding, NAT and source filters".into(), t));
-    let mut all: BTreeMap<&str, &Guest> = observed.guests.iter().map(|(n, o)| (n.as_str(), &o.applied)).collect();
+    send(step(
+        None,
+        "host",
+        StepStatus::Started,
+        "forwarding, NAT and source filters".into(),
+        t,
+    ));
+    let mut all: BTreeMap<&str, &Guest> = observed
+        .guests
+        .iter()
+        .map(|(n, o)| (n.as_str(), &o.applied))
+        .collect();
     all.extend(desired.guests.iter().map(|(n, g)| (n.as_str(), g)));
     match engine.apply_host(&desired.host, &all.values().copied().collect::<Vec<_>>()) {
         Ok(()) => send(step(None, "host", StepStatus::Done, String::new(), t)),
@@ -235,17 +349,33 @@ fn run_apply(engine: &Engine, desired: &Desired, source: &str, spec_json: &str, 
         }
     }
 
-    let (destroys, rest): (Vec<&Action>, Vec<&Action>) =
-        plan.actions.iter().filter(|a| a.guest.is_some()).partition(|a| a.kind == ActionKind::Destroy);
+    let (destroys, rest): (Vec<&Action>, Vec<&Action>) = plan
+        .actions
+        .iter()
+        .filter(|a| a.guest.is_some())
+        .partition(|a| a.kind == ActionKind::Destroy);
     for a in destroys {
         if let Err(e) = run_action(engine, desired, &observed, a, generation, plan_id, &send) {
             errors.push(e);
         }
     }
+    // The old half of every replace goes before any create: two guests that
+    // swap indexes must both let go of their links first.
+    for a in rest.iter().filter(|a| a.kind == ActionKind::Replace) {
+        let Some(name) = a.guest.as_deref() else {
+            continue;
+        };
+        match engine.destroy(name, plan_id) {
+            Ok(_) | Err(EngineError::NoSuchGuest(_)) => {}
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
     std::thread::scope(|s| {
         let handles: Vec<_> = rest
             .iter()
-            .map(|a| s.spawn(|| run_action(engine, desired, &observed, a, generation, plan_id, &send)))
+            .map(|a| {
+                s.spawn(|| run_action(engine, desired, &observed, a, generation, plan_id, &send))
+            })
             .collect();
         for h in handles {
             match h.join() {
@@ -271,11 +401,25 @@ fn run_apply(engine: &Engine, desired: &Desired, source: &str, spec_json: &str, 
             errors.push(e.to_string());
         }
     }
-    let summary = if ok { format!("applied: {}", plan.summary()) } else { format!("{} step(s) failed", errors.len()) };
-    send(ApplyEvent::Done { ok: errors.is_empty(), summary, errors });
+    let summary = if ok {
+        format!("applied: {}", plan.summary())
+    } else {
+        format!("{} step(s) failed", errors.len())
+    };
+    send(ApplyEvent::Done {
+        ok: errors.is_empty(),
+        summary,
+        errors,
+    });
 }
 
-fn step(guest: Option<&str>, step: &str, status: StepStatus, message: String, t: Instant) -> ApplyEvent {
+fn step(
+    guest: Option<&str>,
+    step: &str,
+    status: StepStatus,
+    message: String,
+    t: Instant,
+) -> ApplyEvent {
     ApplyEvent::Step {
         guest: guest.map(str::to_owned),
         step: step.into(),
@@ -294,24 +438,31 @@ fn run_action(
     plan_id: i64,
     send: &(dyn Fn(ApplyEvent) + Sync),
 ) -> Result<(), String> {
-    let Some(name) = a.guest.as_deref() else { return Ok(()) };
+    let Some(name) = a.guest.as_deref() else {
+        return Ok(());
+    };
     let t = Instant::now();
     let kind = a.kind.to_string();
-    send(step(Some(name), &kind, StepStatus::Started, a.reason.clone(), t));
+    send(step(
+        Some(name),
+        &kind,
+        StepStatus::Started,
+        a.reason.clone(),
+        t,
+    ));
     let new = desired.guests.get(name);
     let old = observed.guests.get(name).map(|o| &o.applied);
     let res: Result<(), EngineError> = match (a.kind, new, old) {
         (ActionKind::Create, Some(g), _) => engine.create(g, a.start, generation, plan_id),
-        (ActionKind::Start, Some(g), _) => {
-            engine.update_live(g, generation, plan_id).and_then(|()| if a.start { engine.start(name) } else { Ok(()) })
-        }
+        (ActionKind::Start, Some(g), _) => engine
+            .update_live(g, generation, plan_id)
+            .and_then(|()| if a.start { engine.start(name) } else { Ok(()) }),
         (ActionKind::Update, Some(g), _) => engine.update_live(g, generation, plan_id),
-        (ActionKind::Restart, Some(g), Some(o)) => engine.restart_with(o, g, a.start, generation, plan_id),
-        (ActionKind::Replace, Some(g), _) => engine
-            .destroy(name, plan_id)
-            .map(|_| ())
-            .or_else(|e| if matches!(e, EngineError::NoSuchGuest(_)) { Ok(()) } else { Err(e) })
-            .and_then(|()| engine.create(g, a.start, generation, plan_id)),
+        (ActionKind::Restart, Some(g), Some(o)) => {
+            engine.restart_with(o, g, a.start, generation, plan_id)
+        }
+        // The old guest is already gone (see run_apply).
+        (ActionKind::Replace, Some(g), _) => engine.create(g, a.start, generation, plan_id),
         (ActionKind::Destroy, _, _) => engine.destroy(name, plan_id).map(|_| ()),
         _ => Ok(()),
     };

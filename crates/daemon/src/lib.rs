@@ -17,10 +17,15 @@ pub use engine::{Engine, EngineError, LocalProbe};
 pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] berth_store::StoreError),
-    #[error("socket {path} is in use: another berth daemon answers there (stop it, or pass --socket / BERTH_SOCKET)")]
+    #[error(
+        "socket {path} is in use: another berth daemon answers there (stop it, or pass --socket / BERTH_SOCKET)"
+    )]
     SocketInUse { path: PathBuf },
     #[error("cannot listen on {path}: {source}")]
-    Bind { path: PathBuf, source: std::io::Error },
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot find the berth executable to start supervisors: {0}")]
     Exe(std::io::Error),
     #[error(transparent)]
@@ -38,7 +43,11 @@ pub async fn serve(opts: Options) -> Result<(), DaemonError> {
     let store = berth_store::Store::open(&opts.state_dir)?;
     let exe = std::env::current_exe().map_err(DaemonError::Exe)?;
     let listener = bind(&opts.socket)?;
-    let engine = Arc::new(Engine { state_dir: opts.state_dir.clone(), store, exe });
+    let engine = Arc::new(Engine {
+        state_dir: opts.state_dir.clone(),
+        store,
+        exe,
+    });
     tracing::info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), pid = std::process::id(), "berth daemon listening");
 
     {
@@ -57,30 +66,48 @@ pub async fn serve(opts: Options) -> Result<(), DaemonError> {
     let app = http::router(engine);
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return std::future::pending().await;
         };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         tracing::info!("shutting down; guests keep running under their supervisors");
     };
-    let res = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    let res = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
     let _ = std::fs::remove_file(&opts.socket);
     res.map_err(DaemonError::Io)
 }
 
 fn bind(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| DaemonError::Bind { path: path.into(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| DaemonError::Bind {
+            path: path.into(),
+            source,
+        })?;
     }
     if path.exists() || path.symlink_metadata().is_ok() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(DaemonError::SocketInUse { path: path.into() });
         }
         // Left behind by a daemon that died: nobody answers, take it over.
-        std::fs::remove_file(path).map_err(|source| DaemonError::Bind { path: path.into(), source })?;
+        std::fs::remove_file(path).map_err(|source| DaemonError::Bind {
+            path: path.into(),
+            source,
+        })?;
     }
-    let l = tokio::net::UnixListener::bind(path).map_err(|source| DaemonError::Bind { path: path.into(), source })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|source| DaemonError::Bind { path: path.into(), source })?;
+    let l = tokio::net::UnixListener::bind(path).map_err(|source| DaemonError::Bind {
+        path: path.into(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        DaemonError::Bind {
+            path: path.into(),
+            source,
+        }
+    })?;
     Ok(l)
 }

@@ -21,7 +21,10 @@ pub fn request(socket: &Path, req: &Request, timeout: Duration) -> std::io::Resu
     let mut reply = String::new();
     BufReader::new(s).read_line(&mut reply)?;
     if reply.is_empty() {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "shim closed the connection"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "shim closed the connection",
+        ));
     }
     serde_json::from_str(&reply).map_err(std::io::Error::other)
 }
@@ -43,7 +46,10 @@ pub fn last_status(paths: &GuestPaths) -> Option<ShimStatus> {
 pub fn spawn(exe: &Path, state_dir: &Path, guest: &str) -> std::io::Result<u32> {
     let paths = GuestPaths::new(state_dir, guest);
     std::fs::create_dir_all(&paths.dir)?;
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(paths.shim_log())?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.shim_log())?;
     let mut cmd = Command::new(exe);
     cmd.arg("shim")
         .arg("--state-dir")

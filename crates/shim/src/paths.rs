@@ -10,7 +10,9 @@ pub struct GuestPaths {
 
 impl GuestPaths {
     pub fn new(state_dir: &Path, guest: &str) -> GuestPaths {
-        GuestPaths { dir: state_dir.join("guests").join(guest) }
+        GuestPaths {
+            dir: state_dir.join("guests").join(guest),
+        }
     }
     /// The applied guest config (`berth_spec::Guest` as JSON), written by the daemon.
     pub fn config(&self) -> PathBuf {

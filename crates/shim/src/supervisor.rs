@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use berth_container::{Cgroup, NspawnConfig, init, nspawn_argv, nspawn_env, process, systemd_available};
+use berth_container::{
+    Cgroup, NspawnConfig, init, nspawn_argv, nspawn_env, process, systemd_available,
+};
 use berth_spec::{Guest, GuestKind, RestartPolicy};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::unistd::Pid;
@@ -28,13 +30,22 @@ use crate::proto::{ExitInfo, Request, ShimState, ShimStatus};
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
     #[error("reading guest config {path}: {source}")]
-    Config { path: PathBuf, source: std::io::Error },
+    Config {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("guest config {path} is not valid: {source}")]
-    ConfigParse { path: PathBuf, source: serde_json::Error },
+    ConfigParse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("another shim already supervises guest `{0}`")]
     AlreadyRunning(String),
     #[error("control socket {path}: {source}")]
-    Socket { path: PathBuf, source: std::io::Error },
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Start(String),
 }
@@ -81,7 +92,10 @@ impl Shared {
                 s.state = ShimState::Stopping;
             }
         });
-        log(&format!("stop requested; stopping guest (timeout {:?})", self.stop_timeout));
+        log(&format!(
+            "stop requested; stopping guest (timeout {:?})",
+            self.stop_timeout
+        ));
         if let Some(pid) = runner {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             let me = Arc::clone(self);
@@ -99,7 +113,10 @@ impl Shared {
 }
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn log(msg: &str) {
@@ -119,9 +136,14 @@ fn write_status(path: &Path, s: &ShimStatus) {
 pub fn run(state_dir: &Path, guest: &str) -> Result<(), ShimError> {
     let paths = GuestPaths::new(state_dir, guest);
     let cfg_path = paths.config();
-    let raw = std::fs::read(&cfg_path).map_err(|source| ShimError::Config { path: cfg_path.clone(), source })?;
-    let cfg: Guest =
-        serde_json::from_slice(&raw).map_err(|source| ShimError::ConfigParse { path: cfg_path.clone(), source })?;
+    let raw = std::fs::read(&cfg_path).map_err(|source| ShimError::Config {
+        path: cfg_path.clone(),
+        source,
+    })?;
+    let cfg: Guest = serde_json::from_slice(&raw).map_err(|source| ShimError::ConfigParse {
+        path: cfg_path.clone(),
+        source,
+    })?;
 
     // Signals are taken by a dedicated thread with sigwait; block them in
     // every thread first (threads inherit the mask).
@@ -151,7 +173,10 @@ pub fn run(state_dir: &Path, guest: &str) -> Result<(), ShimError> {
         stop_timeout: Duration::from_millis(cfg.stop_timeout_ms),
     });
     shared.update(|_| {});
-    log(&format!("supervising guest `{guest}` (restart={:?})", cfg.restart));
+    log(&format!(
+        "supervising guest `{guest}` (restart={:?})",
+        cfg.restart
+    ));
 
     {
         let sh = Arc::clone(&shared);
@@ -172,11 +197,19 @@ pub fn run(state_dir: &Path, guest: &str) -> Result<(), ShimError> {
     let final_status = shared.lock().clone();
     let mut line = serde_json::to_string(&final_status).unwrap_or_default();
     line.push('\n');
-    for mut w in shared.waiters.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+    for mut w in shared
+        .waiters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain(..)
+    {
         let _ = w.write_all(line.as_bytes());
     }
     let _ = std::fs::remove_file(paths.socket());
-    log(&format!("guest `{guest}` {}; shim exits", final_status.state.as_str()));
+    log(&format!(
+        "guest `{guest}` {}; shim exits",
+        final_status.state.as_str()
+    ));
     Ok(())
 }
 
@@ -189,9 +222,15 @@ fn bind_control(path: &Path, guest: &str) -> Result<UnixListener, ShimError> {
             }
             // A socket file left by a shim that died: take it over.
             let _ = std::fs::remove_file(path);
-            UnixListener::bind(path).map_err(|source| ShimError::Socket { path: path.to_path_buf(), source })
+            UnixListener::bind(path).map_err(|source| ShimError::Socket {
+                path: path.to_path_buf(),
+                source,
+            })
         }
-        Err(source) => Err(ShimError::Socket { path: path.to_path_buf(), source }),
+        Err(source) => Err(ShimError::Socket {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -222,11 +261,19 @@ fn handle(conn: UnixStream, shared: &Arc<Shared>) {
             let _ = conn.write_all(out.as_bytes());
         }
         Ok(Request::Stop) => {
-            shared.waiters.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+            shared
+                .waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(conn);
             shared.request_stop();
         }
         Err(e) => {
-            let _ = writeln!(conn, "{{\"error\":{}}}", serde_json::Value::String(e.to_string()));
+            let _ = writeln!(
+                conn,
+                "{{\"error\":{}}}",
+                serde_json::Value::String(e.to_string())
+            );
         }
     }
 }
@@ -245,8 +292,16 @@ fn supervise(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) {
             Ok(mut child) => {
                 let status = child.wait();
                 let info = match status {
-                    Ok(st) => ExitInfo { code: st.code(), signal: st.signal(), at: now() },
-                    Err(_) => ExitInfo { code: None, signal: None, at: now() },
+                    Ok(st) => ExitInfo {
+                        code: st.code(),
+                        signal: st.signal(),
+                        at: now(),
+                    },
+                    Err(_) => ExitInfo {
+                        code: None,
+                        signal: None,
+                        at: now(),
+                    },
                 };
                 log(&format!("guest {}", info.describe()));
                 Ok(info)
@@ -277,20 +332,31 @@ fn supervise(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) {
             RestartPolicy::Never => false,
         };
         if !again {
-            shared.update(|s| s.state = if failed { ShimState::Failed } else { ShimState::Stopped });
+            shared.update(|s| {
+                s.state = if failed {
+                    ShimState::Failed
+                } else {
+                    ShimState::Stopped
+                }
+            });
             return;
         }
         if began.elapsed() > STABLE_AFTER {
             backoff = Duration::from_millis(100);
         }
-        log(&format!("restarting in {backoff:?} (restart={:?})", cfg.restart));
+        log(&format!(
+            "restarting in {backoff:?} (restart={:?})",
+            cfg.restart
+        ));
         shared.update(|s| {
             s.state = ShimState::Restarting;
             s.restarts += 1;
         });
         // Sleep, but wake at once for a stop request.
         let guard = shared.lock();
-        let _ = shared.changed.wait_timeout_while(guard, backoff, |_| !shared.stop.load(Ordering::SeqCst));
+        let _ = shared
+            .changed
+            .wait_timeout_while(guard, backoff, |_| !shared.stop.load(Ordering::SeqCst));
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
@@ -299,10 +365,14 @@ fn supervise(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) {
 /// command released. The returned child is systemd-nspawn.
 fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, String> {
     if cfg.kind != GuestKind::Container {
-        return Err(format!("guest kind {:?} is not supported by this shim", cfg.kind));
+        return Err(format!(
+            "guest kind {:?} is not supported by this shim",
+            cfg.kind
+        ));
     }
     let paths = &shared.paths;
-    let init = init::install(&lib_dir(state_dir)).map_err(|e| format!("installing berth-init: {e}"))?;
+    let init =
+        init::install(&lib_dir(state_dir)).map_err(|e| format!("installing berth-init: {e}"))?;
     let sync = paths.sync_dir();
     std::fs::create_dir_all(&sync).map_err(|e| format!("creating {}: {e}", sync.display()))?;
     let ready = sync.join("ready");
@@ -311,14 +381,18 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
     // Leftovers of an earlier run that died hard (shim killed): end them.
     let _ = berth_net::delete_link(&cfg.link);
     let cg = Cgroup::for_guest(&cfg.name);
-    cg.kill_all(Duration::from_secs(5)).map_err(|e| format!("ending leftover processes: {e}"))?;
+    cg.kill_all(Duration::from_secs(5))
+        .map_err(|e| format!("ending leftover processes: {e}"))?;
     cg.create().map_err(|e| e.to_string())?;
-    let warnings = cg.set_limits(cfg.memory, cfg.cpus).map_err(|e| e.to_string())?;
+    let warnings = cg
+        .set_limits(cfg.memory, cfg.cpus)
+        .map_err(|e| e.to_string())?;
     for w in &warnings {
         log(&format!("warning: {w}"));
     }
 
-    let console = open_console_log(&paths.console_log()).map_err(|e| format!("opening console log: {e}"))?;
+    let console =
+        open_console_log(&paths.console_log()).map_err(|e| format!("opening console log: {e}"))?;
     let argv = nspawn_argv(&NspawnConfig {
         machine: format!("berth-{}", cfg.name),
         rootfs: cfg.rootfs.clone(),
@@ -327,6 +401,8 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
         init,
         sync_dir: sync,
         register: systemd_available(),
+        ephemeral: cfg.ephemeral,
+        read_only: cfg.read_only,
     });
     let procs = cg.procs_files().map_err(|e| e.to_string())?;
     let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
@@ -343,8 +419,12 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
         cmd.pre_exec(move || {
             berth_container::cgroup::join_from_pre_exec(&fds)?;
             let empty = SigSet::empty();
-            nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&empty), None)
-                .map_err(std::io::Error::from)?;
+            nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&empty),
+                None,
+            )
+            .map_err(std::io::Error::from)?;
             // If the shim dies, nspawn is told to stop its container cleanly.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -367,10 +447,17 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
         let _ = child.kill();
         let _ = child.wait();
         let tail = tail_lines(&paths.console_log(), 5);
-        if tail.is_empty() { msg } else { format!("{msg}; last output: {tail}") }
+        if tail.is_empty() {
+            msg
+        } else {
+            format!("{msg}; last output: {tail}")
+        }
     };
     let Some(leader) = process::find_leader(runner, Duration::from_secs(15)) else {
-        return Err(fail(&mut child, "systemd-nspawn did not start the container".into()));
+        return Err(fail(
+            &mut child,
+            "systemd-nspawn did not start the container".into(),
+        ));
     };
     let link = berth_net::GuestLink {
         name: cfg.link.clone(),
@@ -385,7 +472,10 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
     if let Err(e) = std::fs::write(&ready, b"") {
         return Err(fail(&mut child, format!("releasing the guest: {e}")));
     }
-    log(&format!("guest running: nspawn pid {runner}, leader pid {leader}, {}", cfg.addresses().join(" ")));
+    log(&format!(
+        "guest running: nspawn pid {runner}, leader pid {leader}, {}",
+        cfg.addresses().join(" ")
+    ));
     shared.update(|s| {
         s.state = ShimState::Running;
         s.leader_pid = Some(leader);
@@ -410,15 +500,23 @@ fn cleanup(cfg: &Guest) {
 }
 
 fn open_console_log(path: &Path) -> std::io::Result<std::fs::File> {
-    if std::fs::metadata(path).map(|m| m.len() > CONSOLE_LOG_MAX).unwrap_or(false) {
+    if std::fs::metadata(path)
+        .map(|m| m.len() > CONSOLE_LOG_MAX)
+        .unwrap_or(false)
+    {
         let _ = std::fs::rename(path, path.with_extension("log.1"));
     }
-    std::fs::OpenOptions::new().create(true).append(true).open(path)
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 /// The last `n` lines of a file, joined with " | ", for error messages.
 pub fn tail_lines(path: &Path, n: usize) -> String {
-    let Ok(s) = std::fs::read(path) else { return String::new() };
+    let Ok(s) = std::fs::read(path) else {
+        return String::new();
+    };
     let s = String::from_utf8_lossy(&s[s.len().saturating_sub(8192)..]).into_owned();
     let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")

@@ -102,6 +102,14 @@ pub struct GuestSpec {
     /// How long a stop waits before killing, e.g. "500ms", "10s", "2m" (1ms..1h). Default "10s".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_timeout: Option<String>,
+    /// Container: run on a throw-away overlay of `rootfs` (writes go to
+    /// memory and are gone at the next start). The rootfs itself is never
+    /// written, so several guests can share it. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ephemeral: Option<bool>,
+    /// Container: mount `rootfs` read-only (shareable). Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
 }
 
 /// What runs the guest.

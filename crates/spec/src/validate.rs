@@ -93,6 +93,20 @@ pub struct Guest {
     pub restart: RestartPolicy,
     pub env: BTreeMap<String, String>,
     pub stop_timeout_ms: u64,
+    /// Writes go to a throw-away overlay; the rootfs stays untouched.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// The rootfs is mounted read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl Guest {
+    /// The container writes into its rootfs directory itself, so
+    /// systemd-nspawn holds an exclusive lock on it.
+    pub fn writes_rootfs(&self) -> bool {
+        !self.ephemeral && !self.read_only
+    }
 }
 
 impl Guest {
@@ -205,6 +219,29 @@ pub fn validate(
                     a: (*first).to_string(),
                     b: (*other).to_string(),
                     index,
+                });
+            }
+        }
+    }
+
+    // A writable rootfs is locked by systemd-nspawn for one container.
+    let mut by_rootfs: BTreeMap<&Path, Vec<&Guest>> = BTreeMap::new();
+    for g in guests.values().filter(|g| g.kind == GuestKind::Container) {
+        by_rootfs.entry(g.rootfs.as_path()).or_default().push(g);
+    }
+    for (rootfs, users) in by_rootfs {
+        if users.len() > 1 {
+            if let Some(w) = users.iter().find(|g| g.writes_rootfs()) {
+                let other = users.iter().find(|g| g.name != w.name).map(|g| g.name.as_str()).unwrap_or("");
+                cx.errors.push(SpecError::Invalid {
+                    file: file.to_path_buf(),
+                    guest: Some(w.name.clone()),
+                    field: "rootfs".into(),
+                    reason: format!(
+                        "rootfs {} is also used by guest `{other}`, and `{}` would write into it (systemd-nspawn locks a writable rootfs for one container); set `ephemeral = true` or `read_only = true` on the guests sharing it, or give each its own copy",
+                        rootfs.display(),
+                        w.name
+                    ),
                 });
             }
         }
@@ -605,5 +642,7 @@ fn validate_guest(
         restart: g.restart.unwrap_or_default(),
         env: g.env.clone(),
         stop_timeout_ms,
+        ephemeral: g.ephemeral.unwrap_or(false),
+        read_only: g.read_only.unwrap_or(false),
     })
 }

@@ -1,0 +1,485 @@
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use berth_api::{ApplyEvent, DestroyResponse, GuestInfo, PlanResponse, StepStatus, VersionInfo};
+use clap::{Parser, Subcommand};
+
+use crate::client::Client;
+
+/// Declarative virtual machines and containers for Linux hosts.
+///
+/// Write a spec (TOML or JSON), check it with `berth validate`, see what would
+/// change with `berth plan`, and make it so with `berth apply`. Guests run
+/// under their own supervisors and keep running while the daemon restarts.
+///
+/// Typical session:
+///   sudo berth daemon &                 # once; or the systemd unit
+///   berth validate examples/demo.toml
+///   berth plan examples/demo.toml       # which guest will be interrupted, and why
+///   berth apply examples/demo.toml
+///   berth ps
+///   berth destroy --all
+#[derive(Parser, Debug)]
+#[command(
+    name = "berth",
+    version,
+    verbatim_doc_comment,
+    propagate_version = true
+)]
+struct Cli {
+    /// Daemon socket.
+    #[arg(long, global = true, env = "BERTH_SOCKET", default_value = berth_api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// State directory (store, guest files). Used by `daemon` and `shim`.
+    #[arg(long, global = true, env = "BERTH_STATE_DIR", default_value = berth_api::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Check a spec file and report every error at once (no daemon needed).
+    Validate {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what `apply` would change and which guests it would interrupt.
+    Plan {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the host match the spec; shows progress per guest.
+    ///
+    /// Asks for confirmation on a terminal; pass --yes to skip it (required
+    /// when stdin is not a terminal).
+    Apply {
+        file: PathBuf,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Print progress events as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List guests with their state, leader PID and addresses.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a stopped guest.
+    Start { name: String },
+    /// Stop a guest (it stays stopped until `start` or the next `apply`).
+    Stop { name: String },
+    /// Stop and start a guest.
+    Restart { name: String },
+    /// Remove a guest, or with --all every guest and every host resource berth
+    /// made (links, routes, nft table, cgroups, processes).
+    Destroy {
+        /// Guest to destroy.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        #[arg(long)]
+        all: bool,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the daemon in the foreground (API on --socket, state in --state-dir).
+    Daemon,
+    /// Print the JSON Schema of the spec file.
+    Schema,
+    /// Print the OpenAPI document of the daemon's API.
+    Openapi,
+    /// Print versions of this binary and of the running daemon.
+    Version {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Per-guest supervisor; started by the daemon, not by hand.
+    #[command(hide = true)]
+    Shim {
+        #[arg(long)]
+        guest: String,
+    },
+}
+
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    let client = Client::new(&cli.socket);
+    match cli.cmd {
+        Cmd::Validate { file, json } => validate(&file, json),
+        Cmd::Plan { file, json } => plan(&client, &file, json),
+        Cmd::Apply { file, yes, json } => apply(&client, &file, yes, json),
+        Cmd::Ps { json } => ps(&client, json),
+        Cmd::Start { name } => guest_action(&client, &name, "start"),
+        Cmd::Stop { name } => guest_action(&client, &name, "stop"),
+        Cmd::Restart { name } => guest_action(&client, &name, "restart"),
+        Cmd::Destroy {
+            name,
+            all,
+            yes,
+            json,
+        } => destroy(&client, name.as_deref(), all, yes, json),
+        Cmd::Daemon => daemon(&cli.state_dir, &cli.socket),
+        Cmd::Schema => print_json(&berth_spec::json_schema()),
+        Cmd::Openapi => print_json(&berth_api::openapi()),
+        Cmd::Version { json } => version(&client, json),
+        Cmd::Shim { guest } => {
+            berth_shim::run(&cli.state_dir, &guest)
+                .with_context(|| format!("supervising guest `{guest}`"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Host facts for local validation (this process's network namespace).
+struct Probe;
+
+impl berth_spec::HostProbe for Probe {
+    fn is_dir(&self, p: &Path) -> bool {
+        p.is_dir()
+    }
+    fn exists(&self, p: &Path) -> bool {
+        p.symlink_metadata().is_ok()
+    }
+    fn interface_exists(&self, name: &str) -> Option<bool> {
+        Some(berth_net::interface_exists(name))
+    }
+}
+
+/// Loads and validates; on failure prints every error and returns None.
+fn load(
+    file: &Path,
+) -> Result<std::result::Result<(berth_spec::Spec, berth_spec::Desired), Vec<String>>> {
+    let spec = match berth_spec::load(file) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(vec![e.to_string()])),
+    };
+    match berth_spec::validate(&spec, file, &Probe) {
+        Ok(d) => Ok(Ok((spec, d))),
+        Err(errs) => Ok(Err(errs.iter().map(|e| e.to_string()).collect())),
+    }
+}
+
+fn report_invalid(file: &Path, errors: &[String]) -> Result<ExitCode> {
+    eprintln!(
+        "error: {} is not a valid spec ({} error{}):",
+        file.display(),
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" }
+    );
+    for e in errors {
+        eprintln!("  {e}");
+    }
+    Ok(ExitCode::FAILURE)
+}
+
+fn validate(file: &Path, json: bool) -> Result<ExitCode> {
+    let res = load(file)?;
+    if json {
+        let (ok, errors, guests) = match &res {
+            Ok((_, d)) => (true, vec![], d.guests.len()),
+            Err(e) => (false, e.clone(), 0),
+        };
+        println!(
+            "{}",
+            serde_json::json!({ "file": file, "ok": ok, "guests": guests, "errors": errors })
+        );
+        return Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    match res {
+        Ok((_, d)) => {
+            println!(
+                "{}: ok ({} guest{})",
+                file.display(),
+                d.guests.len(),
+                if d.guests.len() == 1 { "" } else { "s" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => report_invalid(file, &errors),
+    }
+}
+
+fn request_body(file: &Path, spec: &berth_spec::Spec) -> serde_json::Value {
+    serde_json::json!({ "spec": spec, "file": file.display().to_string() })
+}
+
+fn fetch_plan(
+    client: &Client,
+    file: &Path,
+) -> Result<std::result::Result<(serde_json::Value, PlanResponse), ExitCode>> {
+    let (spec, _) = match load(file)? {
+        Ok(x) => x,
+        Err(errors) => return report_invalid(file, &errors).map(Err),
+    };
+    let body = request_body(file, &spec);
+    let plan: PlanResponse = client
+        .call("POST", "/v1/plan", Some(&body))
+        .context("planning")?;
+    Ok(Ok((body, plan)))
+}
+
+fn plan(client: &Client, file: &Path, json: bool) -> Result<ExitCode> {
+    let (_, p) = match fetch_plan(client, file)? {
+        Ok(x) => x,
+        Err(code) => return Ok(code),
+    };
+    if json {
+        return print_json(&p);
+    }
+    for w in &p.warnings {
+        eprintln!("warning: {w}");
+    }
+    print!("{}", p.text);
+    if !p.text.ends_with('\n') {
+        println!();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn confirm(question: &str, yes: bool) -> Result<bool> {
+    if yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing to go on without confirmation: stdin is not a terminal; pass --yes");
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+fn apply(client: &Client, file: &Path, yes: bool, json: bool) -> Result<ExitCode> {
+    let (body, p) = match fetch_plan(client, file)? {
+        Ok(x) => x,
+        Err(code) => return Ok(code),
+    };
+    if !json {
+        for w in &p.warnings {
+            eprintln!("warning: {w}");
+        }
+        print!("{}", p.text);
+        if !p.text.ends_with('\n') {
+            println!();
+        }
+    }
+    if p.plan.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let interrupted: Vec<String> = p
+        .plan
+        .interrupted()
+        .iter()
+        .filter_map(|a| a.guest.clone())
+        .collect();
+    let q = if interrupted.is_empty() {
+        "Apply these changes?".to_string()
+    } else {
+        format!(
+            "Apply these changes? This interrupts: {}.",
+            interrupted.join(", ")
+        )
+    };
+    if !confirm(&q, yes)? {
+        eprintln!("nothing applied");
+        return Ok(ExitCode::FAILURE);
+    }
+    let mut ok = false;
+    let mut done_seen = false;
+    client
+        .stream_lines("/v1/apply", &body, &mut |line| {
+            if json {
+                println!("{line}");
+            }
+            let Ok(ev) = serde_json::from_str::<ApplyEvent>(line) else {
+                return;
+            };
+            match ev {
+                ApplyEvent::Plan { .. } => {}
+                ApplyEvent::Step {
+                    guest,
+                    step,
+                    status,
+                    message,
+                    elapsed_ms,
+                } if !json => {
+                    let who = guest.unwrap_or_else(|| "host".into());
+                    let secs = elapsed_ms as f64 / 1000.0;
+                    match status {
+                        StepStatus::Started => println!("{who:>12}: {step}…"),
+                        StepStatus::Done => println!("{who:>12}: {step} done ({secs:.2}s)"),
+                        StepStatus::Failed => {
+                            println!("{who:>12}: {step} FAILED ({secs:.2}s): {message}")
+                        }
+                        StepStatus::RolledBack => {
+                            println!("{who:>12}: {step} rolled back: {message}")
+                        }
+                    }
+                }
+                ApplyEvent::Step { .. } => {}
+                ApplyEvent::Done {
+                    ok: o,
+                    summary,
+                    errors,
+                } => {
+                    ok = o;
+                    done_seen = true;
+                    if !json {
+                        if o {
+                            println!("{summary}");
+                        } else {
+                            eprintln!("error: {summary}");
+                            for e in errors {
+                                eprintln!("  {e}");
+                            }
+                        }
+                    }
+                }
+            }
+        })
+        .context("applying")?;
+    if !done_seen {
+        bail!(
+            "the daemon ended the apply stream early (did it die?); run `berth apply` again to converge"
+        );
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn ps(client: &Client, json: bool) -> Result<ExitCode> {
+    let guests: Vec<GuestInfo> = client.call("GET", "/v1/guests", None)?;
+    if json {
+        return print_json(&guests);
+    }
+    if guests.is_empty() {
+        println!("no guests (write a spec and run `berth apply FILE`)");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<16} {:<10} {:>5} {:<11} {:>8} {:>8}  ADDRESSES",
+        "NAME", "KIND", "INDEX", "STATE", "PID", "RESTARTS"
+    );
+    for g in guests {
+        println!(
+            "{:<16} {:<10} {:>5} {:<11} {:>8} {:>8}  {}",
+            g.name,
+            g.kind,
+            g.index,
+            g.state,
+            g.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            g.restarts,
+            g.addresses.join(" ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn guest_action(client: &Client, name: &str, verb: &str) -> Result<ExitCode> {
+    let g: GuestInfo = client
+        .call(
+            "POST",
+            &format!("/v1/guests/{name}/{verb}"),
+            Some(&serde_json::json!({})),
+        )
+        .with_context(|| format!("{verb} guest `{name}`"))?;
+    println!("{}: {}", g.name, g.state);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn destroy(
+    client: &Client,
+    name: Option<&str>,
+    all: bool,
+    yes: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let (q, path) = match (name, all) {
+        (_, true) => (
+            "Destroy every guest and every host resource berth made?".to_string(),
+            "/v1/guests".to_string(),
+        ),
+        (Some(n), false) => (
+            format!("Destroy guest `{n}` and its state?"),
+            format!("/v1/guests/{n}"),
+        ),
+        (None, false) => bail!("name a guest or pass --all"),
+    };
+    if !confirm(&q, yes)? {
+        eprintln!("nothing destroyed");
+        return Ok(ExitCode::FAILURE);
+    }
+    let r: DestroyResponse = client.call("DELETE", &path, None).context("destroying")?;
+    if json {
+        return print_json(&r);
+    }
+    if r.destroyed.is_empty() && r.removed.is_empty() {
+        println!("nothing to destroy");
+    }
+    for g in &r.destroyed {
+        println!("destroyed {g}");
+    }
+    for x in &r.removed {
+        println!("  removed {x}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn version(client: &Client, json: bool) -> Result<ExitCode> {
+    let daemon: Option<VersionInfo> = client.call("GET", "/v1/version", None).ok();
+    if json {
+        return print_json(
+            &serde_json::json!({ "client": env!("CARGO_PKG_VERSION"), "daemon": daemon }),
+        );
+    }
+    println!("berth {}", env!("CARGO_PKG_VERSION"));
+    match daemon {
+        Some(d) => println!("daemon {} (api {}, pid {})", d.version, d.api, d.pid),
+        None => println!("daemon: not reachable"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn daemon(state_dir: &Path, socket: &Path) -> Result<ExitCode> {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("BERTH_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(berth_daemon::serve(berth_daemon::Options {
+        state_dir: state_dir.to_path_buf(),
+        socket: socket.to_path_buf(),
+    }))
+    .context("berth daemon")?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,205 @@
+//! A small synchronous HTTP/1.1 client for the daemon's unix socket.
+//!
+//! The CLI makes one request per connection (`Connection: close`), so all it
+//! needs is a status line, headers, and a body that is either sized, chunked
+//! (the apply stream) or ends at EOF.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use berth_api::ErrorBody;
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach the berth daemon at {socket}: {source}\n  start it with `sudo berth daemon` (or `systemctl start berth`), or point --socket / BERTH_SOCKET at a running one"
+    )]
+    NoDaemon {
+        socket: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to the daemon: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the daemon answered something unexpected: {0}")]
+    Protocol(String),
+    #[error("{}", render_api_error(.body))]
+    Api { status: u16, body: ErrorBody },
+}
+
+fn render_api_error(b: &ErrorBody) -> String {
+    let mut s = b.error.clone();
+    for d in &b.details {
+        s.push_str("\n  ");
+        s.push_str(d);
+    }
+    s
+}
+
+pub struct Client {
+    socket: PathBuf,
+}
+
+struct Head {
+    status: u16,
+    chunked: bool,
+    length: Option<usize>,
+}
+
+impl Client {
+    pub fn new(socket: &Path) -> Client {
+        Client {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(Head, BufReader<UnixStream>), ClientError> {
+        let mut s = UnixStream::connect(&self.socket).map_err(|source| ClientError::NoDaemon {
+            socket: self.socket.clone(),
+            source,
+        })?;
+        let payload = body
+            .map(|b| serde_json::to_vec(b).unwrap_or_default())
+            .unwrap_or_default();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: berth\r\nConnection: close\r\nAccept: application/json\r\n"
+        );
+        if body.is_some() {
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                payload.len()
+            ));
+        }
+        req.push_str("\r\n");
+        s.write_all(req.as_bytes())?;
+        s.write_all(&payload)?;
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| ClientError::Protocol(format!("bad status line {line:?}")))?;
+        let mut head = Head {
+            status,
+            chunked: false,
+            length: None,
+        };
+        loop {
+            line.clear();
+            if r.read_line(&mut line)? == 0 {
+                break;
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+                if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
+                    head.chunked = true;
+                } else if k == "content-length" {
+                    head.length = v.parse().ok();
+                }
+            }
+        }
+        Ok((head, r))
+    }
+
+    /// Reads the body, calling `on_data` with each piece as it arrives.
+    fn read_body(
+        head: &Head,
+        r: &mut BufReader<UnixStream>,
+        on_data: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), ClientError> {
+        if head.chunked {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if r.read_line(&mut line)? == 0 {
+                    return Ok(());
+                }
+                let size =
+                    usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                        .map_err(|_| ClientError::Protocol(format!("bad chunk size {line:?}")))?;
+                if size == 0 {
+                    return Ok(());
+                }
+                let mut buf = vec![0; size];
+                r.read_exact(&mut buf)?;
+                on_data(&buf);
+                let mut crlf = [0; 2];
+                r.read_exact(&mut crlf)?;
+            }
+        } else if let Some(n) = head.length {
+            let mut buf = vec![0; n];
+            r.read_exact(&mut buf)?;
+            on_data(&buf);
+            Ok(())
+        } else {
+            let mut buf = Vec::new();
+            r.read_to_end(&mut buf)?;
+            on_data(&buf);
+            Ok(())
+        }
+    }
+
+    pub fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<T, ClientError> {
+        let (head, mut r) = self.send(method, path, body)?;
+        let mut all = Vec::new();
+        Self::read_body(&head, &mut r, &mut |d| all.extend_from_slice(d))?;
+        if !(200..300).contains(&head.status) {
+            return Err(api_error(head.status, &all));
+        }
+        serde_json::from_slice(&all)
+            .map_err(|e| ClientError::Protocol(format!("{e}: {}", String::from_utf8_lossy(&all))))
+    }
+
+    /// POSTs and calls `on_line` for each line of an NDJSON answer.
+    pub fn stream_lines(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(), ClientError> {
+        let (head, mut r) = self.send("POST", path, Some(body))?;
+        if !(200..300).contains(&head.status) {
+            let mut all = Vec::new();
+            Self::read_body(&head, &mut r, &mut |d| all.extend_from_slice(d))?;
+            return Err(api_error(head.status, &all));
+        }
+        let mut pending = Vec::new();
+        Self::read_body(&head, &mut r, &mut |d| {
+            pending.extend_from_slice(d);
+            while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=pos).collect();
+                on_line(String::from_utf8_lossy(&line).trim_end());
+            }
+        })?;
+        if !pending.is_empty() {
+            on_line(String::from_utf8_lossy(&pending).trim_end());
+        }
+        Ok(())
+    }
+}
+
+fn api_error(status: u16, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(body) => ClientError::Api { status, body },
+        Err(_) => {
+            ClientError::Protocol(format!("HTTP {status}: {}", String::from_utf8_lossy(body)))
+        }
+    }
+}
