@@ -36,7 +36,8 @@ const ENODEV: i32 = nix::libc::ENODEV;
 /// `guest6/128` via this link.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestLink {
-    /// Host-side interface name, e.g. "vb2".
+    /// Host-side interface name, e.g. "vb2". Must start with "vb" for the
+    /// firewall's `iifname "vb*"` forward rule to cover it (at most 15 bytes).
     pub name: String,
     pub guest4: Ipv4Addr,
     pub host4: Ipv4Addr,
