@@ -38,10 +38,17 @@ pub fn nspawn_argv(c: &NspawnConfig) -> Vec<String> {
         // A network namespace of its own with only `lo`; berth adds the veth.
         "--private-network".into(),
         "--console=pipe".into(),
-        "--kill-signal=SIGTERM".into(),
         format!("--bind-ro={}:{}", c.init.display(), INIT_IN_GUEST),
         format!("--bind-ro={}:{}", c.sync_dir.display(), SYNC_IN_GUEST),
     ];
+    // An init system (systemd) is PID 1 itself and halts on SIGRTMIN+3; any
+    // other command runs under berth-init, which turns SIGTERM into a clean
+    // stop of the command.
+    let init_system = runs_init_system(&c.command);
+    v.push(format!(
+        "--kill-signal={}",
+        if init_system { "SIGRTMIN+3" } else { "SIGTERM" }
+    ));
     if c.ephemeral {
         // The rootfs is the read-only lower layer of an overlay whose upper
         // layer is a tmpfs: shareable, and nothing survives a restart.
@@ -60,8 +67,17 @@ pub fn nspawn_argv(c: &NspawnConfig) -> Vec<String> {
     }
     v.push("--".into());
     v.push(INIT_IN_GUEST.into());
+    v.push(if init_system { "--exec" } else { "--supervise" }.into());
     v.extend(c.command.iter().cloned());
     v
+}
+
+/// True when the command is an init system that must be PID 1 itself.
+pub fn runs_init_system(command: &[String]) -> bool {
+    command.first().is_some_and(|c| {
+        let base = c.rsplit('/').next().unwrap_or(c);
+        base == "init" || base == "systemd"
+    })
 }
 
 /// Environment nspawn needs on hybrid cgroup hosts (see DESIGN.md): without
@@ -119,8 +135,15 @@ mod tests {
         let dd = v.iter().position(|a| a == "--").expect("--");
         assert_eq!(
             &v[dd + 1..],
-            ["/.berth-init", "/bin/sh", "-c", "httpd -f -p 80"]
+            [
+                "/.berth-init",
+                "--supervise",
+                "/bin/sh",
+                "-c",
+                "httpd -f -p 80"
+            ]
         );
+        assert!(v.iter().any(|a| a == "--kill-signal=SIGTERM"));
     }
 
     #[test]
@@ -136,6 +159,19 @@ mod tests {
         c.ephemeral = false;
         c.read_only = true;
         assert!(nspawn_argv(&c).iter().any(|a| a == "--read-only"));
+    }
+
+    #[test]
+    fn init_systems_are_execed_and_halted_with_rtmin3() {
+        let mut c = cfg(false);
+        c.command = vec!["/sbin/init".into()];
+        let v = nspawn_argv(&c);
+        assert!(v.iter().any(|a| a == "--kill-signal=SIGRTMIN+3"));
+        assert!(v.ends_with(&["/.berth-init".into(), "--exec".into(), "/sbin/init".into()]));
+        assert!(runs_init_system(&[
+            "/nix/store/x-systemd/lib/systemd/systemd".into()
+        ]));
+        assert!(!runs_init_system(&["/bin/sh".into()]));
     }
 
     #[test]

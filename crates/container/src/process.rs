@@ -23,7 +23,8 @@ pub fn alive(pid: i32) -> bool {
 }
 
 /// The container's PID 1 as seen from the host: the child of `nspawn_pid`
-/// that runs in a PID namespace of its own. Waits up to `timeout`.
+/// that runs in a PID namespace of its own and has exec'd berth-init (so
+/// nspawn is done setting the container up). Waits up to `timeout`.
 pub fn find_leader(nspawn_pid: i32, timeout: Duration) -> Option<i32> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -42,7 +43,16 @@ fn leader_now(nspawn_pid: i32) -> Option<i32> {
     rd.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|&pid| ppid(pid) == Some(nspawn_pid))
-        .find(|&pid| nspid_is_one(pid))
+        .find(|&pid| nspid_is_one(pid) && runs_berth_init(pid))
+}
+
+/// The leader has exec'd `/.berth-init`: nspawn has finished setting up the
+/// container (mounts, its own loopback setup), so the host can configure the
+/// network without racing it.
+fn runs_berth_init(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim() == ".berth-init")
+        .unwrap_or(false)
 }
 
 /// `NSpid:` lists the PID in each nested namespace; the leader's last is 1.

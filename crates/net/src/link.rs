@@ -284,9 +284,9 @@ async fn configure_guest_side(handle: &Handle, link: &GuestLink, pid: i32) -> Re
             None => Ok(()),
         }
     };
-    let lo = set_up(handle, LOOPBACK_IFINDEX, "lo");
-    let up = set_up(handle, index, target);
-    futures::try_join!(a4, a6, lo, up)?;
+    futures::try_join!(a4, a6)?;
+    set_up(handle, LOOPBACK_IFINDEX, "lo").await?;
+    set_up(handle, index, target).await?;
 
     // On-link routes to the host first: the default routes' gateways need them
     // only conceptually (they are `onlink`), but keep the natural order.

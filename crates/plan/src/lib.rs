@@ -410,8 +410,20 @@ fn diff_guest(old: &Guest, new: &Guest) -> Vec<Diff> {
         Impact::Restart,
     );
     let flag = |b: bool| b.to_string();
-    diff(&mut d, "ephemeral", flag(old.ephemeral), flag(new.ephemeral), Impact::Restart);
-    diff(&mut d, "read_only", flag(old.read_only), flag(new.read_only), Impact::Restart);
+    diff(
+        &mut d,
+        "ephemeral",
+        flag(old.ephemeral),
+        flag(new.ephemeral),
+        Impact::Restart,
+    );
+    diff(
+        &mut d,
+        "read_only",
+        flag(old.read_only),
+        flag(new.read_only),
+        Impact::Restart,
+    );
     diff(
         &mut d,
         "command",

@@ -232,7 +232,11 @@ pub fn validate(
     for (rootfs, users) in by_rootfs {
         if users.len() > 1 {
             if let Some(w) = users.iter().find(|g| g.writes_rootfs()) {
-                let other = users.iter().find(|g| g.name != w.name).map(|g| g.name.as_str()).unwrap_or("");
+                let other = users
+                    .iter()
+                    .find(|g| g.name != w.name)
+                    .map(|g| g.name.as_str())
+                    .unwrap_or("");
                 cx.errors.push(SpecError::Invalid {
                     file: file.to_path_buf(),
                     guest: Some(w.name.clone()),

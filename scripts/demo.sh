@@ -1,0 +1,120 @@
+#!/bin/sh
+# berth demo: installs what berth needs, builds it, and applies examples/demo.toml
+# (two containers serving HTTP on a routed network) inside a throw-away network
+# namespace, so your machine's own interfaces, routes and firewall stay as they
+# are.
+#
+#   sudo scripts/demo.sh          # set up and run the demo (safe to run again)
+#   sudo scripts/demo.sh --clean  # destroy the guests, stop the daemon, remove the namespaces
+#
+# Environment: BERTH_DEMO_DIR (default /tmp/berth-demo), SKIP_INSTALL=1 to skip
+# the package installation.
+set -eu
+
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+dir=${BERTH_DEMO_DIR:-/tmp/berth-demo}
+host_ns=berth-demo
+out_ns=berth-demo-out
+say() { printf '\n==> %s\n' "$*"; }
+die() { printf 'demo: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (sudo $0): berth creates network namespaces, links and containers"
+
+berth="$repo/target/release/berth"
+in_host() { nsenter --net=/run/netns/$host_ns "$@"; }
+export BERTH_STATE_DIR="$dir/state" BERTH_SOCKET="$dir/berth.sock"
+
+clean() {
+    if [ -x "$berth" ] && [ -S "$BERTH_SOCKET" ]; then
+        in_host "$berth" destroy --all --yes || true
+    fi
+    if [ -f "$dir/daemon.pid" ]; then
+        kill "$(cat "$dir/daemon.pid")" 2>/dev/null || true
+        rm -f "$dir/daemon.pid"
+    fi
+    for ns in $host_ns $out_ns; do
+        if ip netns list | grep -qw "$ns"; then
+            for p in $(ip netns pids "$ns"); do kill -9 "$p" 2>/dev/null || true; done
+            ip netns del "$ns"
+        fi
+    done
+}
+
+if [ "${1:-}" = "--clean" ]; then
+    clean
+    rm -rf "$dir"
+    echo "demo removed"
+    exit 0
+fi
+
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+    say "installing host packages"
+    if command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            systemd-container nftables iproute2 busybox-static curl ca-certificates gcc libc6-dev >/dev/null
+    elif [ -e /etc/NIXOS ]; then
+        for t in systemd-nspawn nft ip curl busybox; do
+            command -v $t >/dev/null 2>&1 || die "$t missing: run inside \`nix-shell -p nftables iproute2 busybox curl\` (systemd-nspawn comes with systemd)"
+        done
+    else
+        die "unsupported system: install systemd-nspawn, nft, ip, busybox (static), curl by hand and rerun with SKIP_INSTALL=1"
+    fi
+    command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust (https://rustup.rs) and rerun"
+fi
+
+say "building berth (release)"
+cargo build --release --quiet -p berth
+
+say "building a busybox rootfs for the containers"
+mkdir -p "$dir"
+sh scripts/mk-busybox-rootfs.sh "$dir/rootfs-busybox" >/dev/null
+
+say "creating network namespaces: $host_ns (plays the host) and $out_ns (plays the internet)"
+clean
+mkdir -p "$dir"
+ip netns add $host_ns
+ip netns add $out_ns
+ip link add up0 netns $host_ns type veth peer name wan0 netns $out_ns
+ip -n $host_ns addr add 198.51.100.1/24 dev up0
+ip -n $out_ns addr add 198.51.100.2/24 dev wan0
+for ns in $host_ns $out_ns; do ip -n $ns link set lo up; done
+ip -n $host_ns link set up0 up
+ip -n $out_ns link set wan0 up
+ip -n $host_ns route add default via 198.51.100.2
+
+sed -e "s|^uplink = \"eth0\"|uplink = \"up0\"|" \
+    -e "s|/var/lib/berth/rootfs/busybox|$dir/rootfs-busybox|" \
+    examples/demo.toml > "$dir/demo.toml"
+
+say "starting the daemon (log: $dir/daemon.log)"
+in_host "$berth" daemon >"$dir/daemon.log" 2>&1 &
+echo $! > "$dir/daemon.pid"
+i=0
+until [ -S "$BERTH_SOCKET" ]; do
+    i=$((i + 1)); [ $i -lt 100 ] || die "daemon did not start; see $dir/daemon.log"
+    sleep 0.1
+done
+
+say "berth validate"; in_host "$berth" validate "$dir/demo.toml"
+say "berth plan";     in_host "$berth" plan "$dir/demo.toml"
+say "berth apply";    in_host "$berth" apply --yes "$dir/demo.toml"
+say "berth ps";       in_host "$berth" ps
+
+say "asking the guests over HTTP, from the host"
+in_host curl -sS --max-time 5 http://10.0.0.2/
+in_host curl -sS --max-time 5 "http://[fd42:b:e:1::3]/index.json"; echo
+
+cat <<EOF2
+
+The demo is running. Explore it from the demo's host namespace:
+
+  export BERTH_STATE_DIR=$BERTH_STATE_DIR BERTH_SOCKET=$BERTH_SOCKET
+  sudo -E nsenter --net=/run/netns/$host_ns $berth ps
+  sudo -E nsenter --net=/run/netns/$host_ns curl http://10.0.0.2/
+  # change memory of "web" in $dir/demo.toml, then:
+  sudo -E nsenter --net=/run/netns/$host_ns $berth plan $dir/demo.toml
+
+Remove everything with: sudo $0 --clean
+EOF2
