@@ -130,7 +130,8 @@ pub struct ErrorBody {
 /// The OpenAPI 3.1 document of the API, generated from the types above.
 pub fn openapi() -> serde_json::Value {
     use serde_json::json;
-    let mut settings = schemars::generate::SchemaSettings::openapi3();
+    // OpenAPI 3.1 schemas are JSON Schema 2020-12 (nullable is `type: [.., "null"]`).
+    let mut settings = schemars::generate::SchemaSettings::draft2020_12();
     settings.definitions_path = "/components/schemas".into();
     let mut generator = settings.into_generator();
     let r = |s: schemars::Schema| serde_json::to_value(s).unwrap_or_default();

@@ -40,6 +40,12 @@ pub struct Options {
 /// Binds the socket (refusing one a live daemon holds), re-adopts guests and
 /// serves until SIGINT/SIGTERM. Guests keep running after it returns.
 pub async fn serve(opts: Options) -> Result<(), DaemonError> {
+    // Refuse a socket a live daemon holds before touching any state.
+    if std::os::unix::net::UnixStream::connect(&opts.socket).is_ok() {
+        return Err(DaemonError::SocketInUse {
+            path: opts.socket.clone(),
+        });
+    }
     let store = berth_store::Store::open(&opts.state_dir)?;
     let exe = std::env::current_exe().map_err(DaemonError::Exe)?;
     let listener = bind(&opts.socket)?;
