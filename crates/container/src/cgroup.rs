@@ -276,6 +276,21 @@ impl Cgroup {
     }
 }
 
+/// Removes the shared `berth/` parent groups if no guest group is left in
+/// them. Returns the paths removed.
+pub fn remove_parents_if_empty() -> Vec<PathBuf> {
+    let l = Layout::detect();
+    let mut removed = Vec::new();
+    for root in [l.v2, l.v1_memory, l.v1_cpu].into_iter().flatten() {
+        let p = root.join("berth");
+        // rmdir fails (ENOTEMPTY/EBUSY) while a child group exists: fine.
+        if p.is_dir() && std::fs::remove_dir(&p).is_ok() {
+            removed.push(p);
+        }
+    }
+    removed
+}
+
 /// Joins the calling process to every group in `fds` by writing "0" to each.
 /// Only async-signal-safe calls: meant for `CommandExt::pre_exec`.
 pub fn join_from_pre_exec(fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {

@@ -597,6 +597,9 @@ impl Engine {
             }
             self.store.remove_resource(&r.kind, &r.name)?;
         }
+        for p in berth_container::cgroup::remove_parents_if_empty() {
+            removed.push(format!("cgroup {}", p.display()));
+        }
         for d in [
             berth_shim::paths::lib_dir(&self.state_dir),
             self.state_dir.join("guests"),

@@ -1,0 +1,302 @@
+//! The single-host engine end to end: real systemd-nspawn containers on a
+//! routed network inside namespaces this test creates.
+
+mod common;
+
+use std::time::Duration;
+
+use berth_testkit::{Cap, INTERNET_BODY, busybox_rootfs, require, unique_tag, wait_until};
+use common::{Berth, container, lines_in_host, spec};
+
+const CAPS: &[Cap] = &[Cap::Root, Cap::Netns, Cap::Nspawn, Cap::Nft, Cap::Curl];
+
+#[test]
+fn engine_apply_restart_daemon_change_destroy() {
+    if !require("engine_apply_restart_daemon_change_destroy", CAPS) {
+        return;
+    }
+    let tag = unique_tag("en");
+    let mut b = Berth::new(&tag);
+    let rootfs = busybox_rootfs();
+    // Guest names are global on the host (cgroups, machine names): make them unique.
+    let (ga, gb) = (format!("{tag}-a"), format!("{tag}-b"));
+    let guests = format!(
+        "{}{}",
+        container(&ga, 2, &rootfs, "memory = \"128M\""),
+        container(&gb, 3, &rootfs, "memory = \"128M\"")
+    );
+    let file = b.write("spec.toml", &spec(b.net.uplink(), 61, &guests));
+    let file = file.to_str().expect("utf8 path");
+
+    b.cli_ok(&["validate", file]);
+    let plan = b.cli_ok(&["plan", file]);
+    assert!(plan.contains(&ga) && plan.contains("create"), "{plan}");
+    let out = b.cli_ok(&["apply", "--yes", file]);
+    assert!(out.contains("applied"), "{out}");
+
+    // Each answers HTTP from the host, on IPv4 and IPv6.
+    for url in [
+        "http://10.61.0.2/",
+        "http://10.61.0.3/",
+        "http://[fd42:3d::2]/",
+        "http://[fd42:3d::3]/",
+    ] {
+        let body = b.curl(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert!(body.contains("berth-fixture"), "{url}: {body}");
+    }
+
+    let before = b.ps();
+    assert_eq!(before.len(), 2);
+    for g in &before {
+        assert_eq!(g.state, "running", "{g:?}");
+        assert_eq!(g.kind, "container");
+        assert!(g.pid.is_some());
+    }
+    let pid_a = b.guest(&ga).pid.expect("pid a");
+    let pid_b = b.guest(&gb).pid.expect("pid b");
+    assert_eq!(b.guest(&ga).addresses, vec!["10.61.0.2", "fd42:3d::2"]);
+
+    // A container reaches the "internet" through NAT: run curl in its netns.
+    let netns = format!("--net=/proc/{pid_a}/ns/net");
+    let inet = b.net.internet_url();
+    let out = std::process::Command::new("nsenter")
+        .args([
+            netns.as_str(),
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            inet.as_str(),
+        ])
+        .output()
+        .expect("curl in guest netns");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(INTERNET_BODY),
+        "guest could not reach the internet: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A forged source address (inside the guest's subnet, so NAT would carry
+    // it if the filter let it through) is dropped.
+    let add = std::process::Command::new("nsenter")
+        .args([
+            netns.as_str(),
+            "ip",
+            "addr",
+            "add",
+            "10.61.0.99/32",
+            "dev",
+            "host0",
+        ])
+        .status()
+        .expect("ip addr add");
+    assert!(add.success());
+    let spoof = std::process::Command::new("nsenter")
+        .args([
+            netns.as_str(),
+            "curl",
+            "-sS",
+            "--max-time",
+            "3",
+            "--interface",
+            "10.61.0.99",
+            inet.as_str(),
+        ])
+        .output()
+        .expect("spoofed curl");
+    assert!(
+        !spoof.status.success(),
+        "a forged source address got through: {}",
+        String::from_utf8_lossy(&spoof.stdout)
+    );
+
+    // kill -9 the daemon: the guests keep answering.
+    b.kill_daemon();
+    assert!(
+        b.curl("http://10.61.0.2/").is_ok(),
+        "guest died with the daemon"
+    );
+    assert!(
+        b.curl("http://[fd42:3d::3]/").is_ok(),
+        "guest died with the daemon"
+    );
+    // A restarted daemon re-adopts them: same PIDs, still running.
+    b.start_daemon();
+    let after = b.ps();
+    assert_eq!(b.guest(&ga).pid, Some(pid_a), "{after:?}");
+    assert_eq!(b.guest(&gb).pid, Some(pid_b), "{after:?}");
+    assert!(after.iter().all(|g| g.state == "running"), "{after:?}");
+
+    // Change one guest's memory: the plan restarts that one only.
+    let guests2 = format!(
+        "{}{}",
+        container(&ga, 2, &rootfs, "memory = \"256M\""),
+        container(&gb, 3, &rootfs, "memory = \"128M\"")
+    );
+    let file2 = b.write("spec2.toml", &spec(b.net.uplink(), 61, &guests2));
+    let file2 = file2.to_str().expect("utf8 path");
+    let plan: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["plan", "--json", file2])).expect("plan json");
+    let actions = plan["plan"]["actions"].as_array().expect("actions");
+    let guest_actions: Vec<_> = actions.iter().filter(|a| !a["guest"].is_null()).collect();
+    assert_eq!(guest_actions.len(), 1, "{plan}");
+    assert_eq!(guest_actions[0]["guest"], ga.as_str());
+    assert_eq!(guest_actions[0]["impact"], "restart");
+    assert!(
+        guest_actions[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("memory"),
+        "{plan}"
+    );
+    b.cli_ok(&["apply", "--yes", file2]);
+    let a2 = b.guest(&ga);
+    assert_ne!(a2.pid, Some(pid_a), "changed guest was not restarted");
+    assert_eq!(a2.memory, Some(256 << 20));
+    assert_eq!(
+        b.guest(&gb).pid,
+        Some(pid_b),
+        "unchanged guest was restarted"
+    );
+    assert!(b.curl("http://10.61.0.2/").is_ok());
+    // Nothing left to do.
+    let plan = b.cli_ok(&["plan", file2]);
+    assert!(plan.contains("No changes"), "{plan}");
+
+    // destroy --all leaves no trace.
+    let a_pid = a2.pid.expect("pid");
+    b.cli_ok(&["destroy", "--all", "--yes"]);
+    assert!(b.ps().is_empty());
+    let links = lines_in_host(&b.net, "ip", &["-o", "link", "show"]);
+    assert!(
+        !links.contains("vb2") && !links.contains("vb3"),
+        "links left: {links}"
+    );
+    let routes = lines_in_host(&b.net, "ip", &["route", "show"])
+        + &lines_in_host(&b.net, "ip", &["-6", "route", "show"]);
+    assert!(
+        !routes.contains("10.61.0.") && !routes.contains("fd42:3d::"),
+        "routes left: {routes}"
+    );
+    let tables = lines_in_host(&b.net, "nft", &["list", "tables"]);
+    assert!(!tables.contains("berth"), "nft table left: {tables}");
+    let gone = wait_until(Duration::from_secs(5), Duration::from_millis(20), || {
+        (!std::path::Path::new(&format!("/proc/{a_pid}")).exists()).then_some(())
+    });
+    assert!(gone.is_some(), "guest process {a_pid} still runs");
+    let procs = std::process::Command::new("pgrep")
+        .args(["-f", b.state.to_str().unwrap_or("")])
+        .output()
+        .expect("pgrep");
+    let pids = String::from_utf8_lossy(&procs.stdout).trim().to_string();
+    let daemon = b.daemon_pid().map(|p| p.to_string()).unwrap_or_default();
+    let leftover: Vec<&str> = pids.lines().filter(|p| *p != daemon).collect();
+    assert!(leftover.is_empty(), "processes left: {leftover:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    assert!(
+        !mounts.contains(b.state.to_str().unwrap_or("-")),
+        "mounts left: {mounts}"
+    );
+    for name in [&ga, &gb] {
+        for root in [
+            "/sys/fs/cgroup/unified/berth",
+            "/sys/fs/cgroup/berth",
+            "/sys/fs/cgroup/memory/berth",
+        ] {
+            let p = format!("{root}/{name}");
+            assert!(!std::path::Path::new(&p).exists(), "cgroup left: {p}");
+        }
+    }
+}
+
+#[test]
+fn guest_that_exits_at_once_is_reported_and_leaves_nothing() {
+    if !require(
+        "guest_that_exits_at_once_is_reported_and_leaves_nothing",
+        CAPS,
+    ) {
+        return;
+    }
+    let tag = unique_tag("ex");
+    let b = Berth::new(&tag);
+    let rootfs = busybox_rootfs();
+    let name = format!("{tag}-x");
+    let g = format!(
+        "[guest.{name}]\nkind = \"container\"\nindex = 5\nrootfs = \"{}\"\ncommand = [\"/bin/sh\", \"-c\", \"echo about to fail; exit 3\"]\nephemeral = true\n",
+        rootfs.display()
+    );
+    let file = b.write("bad.toml", &spec(b.net.uplink(), 62, &g));
+    let out = b.cli(&["apply", "--yes", file.to_str().expect("utf8")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&name) && err.contains("exited with status 3"),
+        "{err}"
+    );
+    assert!(
+        err.contains("about to fail"),
+        "the guest's last output should be in the error: {err}"
+    );
+    assert!(b.ps().is_empty(), "a failed create must not stay recorded");
+    let links = lines_in_host(&b.net, "ip", &["-o", "link", "show"]);
+    assert!(!links.contains("vb5"), "{links}");
+}
+
+#[test]
+fn daemon_killed_mid_apply_converges_without_leaks() {
+    if !require("daemon_killed_mid_apply_converges_without_leaks", CAPS) {
+        return;
+    }
+    let tag = unique_tag("cr");
+    let mut b = Berth::new(&tag);
+    let rootfs = busybox_rootfs();
+    let names: Vec<String> = (0..4).map(|i| format!("{tag}-{i}")).collect();
+    let guests: String = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| container(n, 10 + i as u32, &rootfs, ""))
+        .collect();
+    let file = b.write("spec.toml", &spec(b.net.uplink(), 63, &guests));
+    let file = file.to_str().expect("utf8");
+
+    // Start an apply and kill -9 the daemon while guests are being created.
+    let mut apply = b.cmd(&["apply", "--yes", file]).spawn().expect("apply");
+    let started = wait_until(Duration::from_secs(20), Duration::from_millis(5), || {
+        std::fs::read_dir(b.state.join("guests"))
+            .ok()
+            .and_then(|mut rd| rd.next())
+            .map(|_| ())
+    });
+    assert!(started.is_some(), "apply never started creating guests");
+    b.kill_daemon();
+    let _ = apply.wait();
+
+    // The next apply converges: every guest runs, exactly one link each.
+    b.start_daemon();
+    b.cli_ok(&["apply", "--yes", file]);
+    let ps = b.ps();
+    assert_eq!(ps.len(), 4, "{ps:?}");
+    assert!(ps.iter().all(|g| g.state == "running"), "{ps:?}");
+    for i in 0..4 {
+        assert!(b.curl(&format!("http://10.63.0.{}/", 10 + i)).is_ok());
+    }
+    let links = lines_in_host(&b.net, "ip", &["-o", "link", "show"]);
+    assert_eq!(links.matches(": vb").count(), 4, "{links}");
+    let plan = b.cli_ok(&["plan", file]);
+    assert!(plan.contains("No changes"), "{plan}");
+
+    b.cli_ok(&["destroy", "--all", "--yes"]);
+    let links = lines_in_host(&b.net, "ip", &["-o", "link", "show"]);
+    assert_eq!(links.matches(": vb").count(), 0, "{links}");
+    let procs = std::process::Command::new("pgrep")
+        .args(["-f", b.state.to_str().unwrap_or("")])
+        .output()
+        .expect("pgrep");
+    let daemon = b.daemon_pid().map(|p| p.to_string()).unwrap_or_default();
+    let left: Vec<String> = String::from_utf8_lossy(&procs.stdout)
+        .lines()
+        .filter(|p| *p != daemon)
+        .map(str::to_owned)
+        .collect();
+    assert!(left.is_empty(), "processes left: {left:?}");
+}
