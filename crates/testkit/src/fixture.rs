@@ -89,3 +89,40 @@ fn build_rootfs(dir: &Path) -> Result<PathBuf> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn racing_builders_share_one_complete_tree() {
+        if !crate::require(
+            "racing_builders_share_one_complete_tree",
+            &[crate::Cap::Busybox],
+        ) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let paths: Vec<PathBuf> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3)
+                .map(|_| s.spawn(|| build_rootfs(dir.path())))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+        });
+        assert!(
+            paths
+                .iter()
+                .all(|p| *p == dir.path().join("rootfs-busybox"))
+        );
+        assert!(is_built(&paths[0]));
+        // Only the target is left: losers removed their temp dirs.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["rootfs-busybox"]);
+        let mode = std::fs::metadata(&paths[0]).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
+    }
+}
