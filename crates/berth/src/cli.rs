@@ -269,6 +269,14 @@ fn confirm(question: &str, yes: bool) -> Result<bool> {
 }
 
 fn apply(client: &Client, file: &Path, yes: bool, json: bool) -> Result<ExitCode> {
+    if yes {
+        // Nothing to confirm: one request, which streams the plan first.
+        let (spec, _) = match load(file)? {
+            Ok(x) => x,
+            Err(errors) => return report_invalid(file, &errors),
+        };
+        return run_apply(client, &request_body(file, &spec), json, true);
+    }
     let (body, p) = match fetch_plan(client, file)? {
         Ok(x) => x,
         Err(code) => return Ok(code),
@@ -303,10 +311,21 @@ fn apply(client: &Client, file: &Path, yes: bool, json: bool) -> Result<ExitCode
         eprintln!("nothing applied");
         return Ok(ExitCode::FAILURE);
     }
+    run_apply(client, &body, json, false)
+}
+
+/// Streams `POST /v1/apply`, printing progress; `print_plan` prints the plan
+/// the daemon sends first (when it was not shown already).
+fn run_apply(
+    client: &Client,
+    body: &serde_json::Value,
+    json: bool,
+    print_plan: bool,
+) -> Result<ExitCode> {
     let mut ok = false;
     let mut done_seen = false;
     client
-        .stream_lines("/v1/apply", &body, &mut |line| {
+        .stream_lines("/v1/apply", body, &mut |line| {
             if json {
                 println!("{line}");
             }
@@ -314,7 +333,11 @@ fn apply(client: &Client, file: &Path, yes: bool, json: bool) -> Result<ExitCode
                 return;
             };
             match ev {
-                ApplyEvent::Plan { .. } => {}
+                ApplyEvent::Plan { text, .. } => {
+                    if print_plan && !json {
+                        println!("{}", text.trim_end());
+                    }
+                }
                 ApplyEvent::Step {
                     guest,
                     step,

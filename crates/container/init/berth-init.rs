@@ -42,12 +42,28 @@ const SIGTERM: i32 = 15;
 static CHILD: AtomicI32 = AtomicI32::new(0);
 static HALT: AtomicI32 = AtomicI32::new(-1);
 
+/// A stop signal that arrived before the command was started.
+static STOP: AtomicI32 = AtomicI32::new(0);
+
 extern "C" fn forward(sig: i32) {
     let child = CHILD.load(Ordering::SeqCst);
     let sig = if sig == HALT.load(Ordering::SeqCst) { SIGTERM } else { sig };
     if child > 0 {
         // SAFETY: kill(2) is async-signal-safe and takes plain integers.
         unsafe { kill(child, sig) };
+    } else {
+        STOP.store(sig, Ordering::SeqCst);
+    }
+}
+
+fn install_handlers() {
+    // SAFETY: plain libc calls; `forward` only calls async-signal-safe kill(2)
+    // and stores to an atomic.
+    unsafe {
+        HALT.store(__libc_current_sigrtmin() + 3, Ordering::SeqCst);
+        for sig in [SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM, HALT.load(Ordering::SeqCst)] {
+            signal(sig, forward as extern "C" fn(i32) as usize);
+        }
     }
 }
 
@@ -66,9 +82,16 @@ fn main() {
     args.remove(0);
     let Some(program) = args.first().cloned() else { die(125, "no command given") };
 
+    // As PID 1 we ignore signals we have no handler for: without these, a
+    // stop that comes while we wait for the network would hang until SIGKILL.
+    install_handlers();
     let started = Instant::now();
     let mut pause = Duration::from_micros(200);
     while !Path::new(READY).exists() {
+        let sig = STOP.load(Ordering::SeqCst);
+        if sig != 0 {
+            std::process::exit(128 + sig);
+        }
         if started.elapsed() > TIMEOUT {
             die(125, &format!("the host did not configure the network within {TIMEOUT:?}"));
         }
@@ -79,6 +102,13 @@ fn main() {
     let mut cmd = std::process::Command::new(&program);
     cmd.args(&args[1..]);
     if exec {
+        // The init system installs its own handlers; hand it default ones.
+        // SAFETY: resetting dispositions to SIG_DFL (0) is always sound.
+        unsafe {
+            for sig in [SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM, HALT.load(Ordering::SeqCst)] {
+                signal(sig, 0);
+            }
+        }
         let err = cmd.exec();
         die(if err.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 }, &format!("cannot run {program}: {err}"));
     }
@@ -91,12 +121,11 @@ fn main() {
     };
     let pid = child.id() as i32;
     CHILD.store(pid, Ordering::SeqCst);
-    // SAFETY: plain libc calls; `forward` only calls async-signal-safe kill(2).
-    unsafe {
-        HALT.store(__libc_current_sigrtmin() + 3, Ordering::SeqCst);
-        for sig in [SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM, HALT.load(Ordering::SeqCst)] {
-            signal(sig, forward as extern "C" fn(i32) as usize);
-        }
+    // A stop that raced the spawn: pass it on now.
+    let sig = STOP.swap(0, Ordering::SeqCst);
+    if sig != 0 {
+        // SAFETY: kill(2) with plain integers.
+        unsafe { kill(pid, sig) };
     }
     // Reap everything (orphans get reparented to PID 1) until the command ends.
     loop {

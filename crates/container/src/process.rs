@@ -39,11 +39,26 @@ pub fn find_leader(nspawn_pid: i32, timeout: Duration) -> Option<i32> {
 }
 
 fn leader_now(nspawn_pid: i32) -> Option<i32> {
-    let rd = std::fs::read_dir("/proc").ok()?;
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| ppid(pid) == Some(nspawn_pid))
+    children(nspawn_pid)
+        .into_iter()
         .find(|&pid| nspid_is_one(pid) && runs_berth_init(pid))
+}
+
+/// Direct children of `pid`, from `/proc/PID/task/*/children` (cheap: no
+/// scan of all of /proc, which matters when many shims poll at once).
+pub fn children(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
 }
 
 /// The leader has exec'd `/.berth-init`: nspawn has finished setting up the
@@ -70,6 +85,18 @@ fn nspid_is_one(pid: i32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn children_lists_a_spawned_child() {
+        let mut c = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("spawn sleep");
+        let kids = children(std::process::id() as i32);
+        let _ = c.kill();
+        let _ = c.wait();
+        assert!(kids.contains(&(c.id() as i32)), "{kids:?}");
+    }
 
     #[test]
     fn self_is_alive_and_has_parent() {

@@ -166,16 +166,14 @@ impl Engine {
 
     // ----- host --------------------------------------------------------------
 
-    /// Forwarding on and the `inet berth` table rendered for `guests`.
-    pub fn apply_host(&self, host: &Host, guests: &[&Guest]) -> Result<(), EngineError> {
+    /// Forwarding on and the `inet berth` table for `host`. The table's
+    /// source filters list every index the host allows (1..max_guests), so it
+    /// depends on the host config alone: creating or removing a guest never
+    /// touches it, and it is rewritten only when the host config changes.
+    pub fn apply_host(&self, host: &Host) -> Result<(), EngineError> {
         berth_net::enable_forwarding().map_err(|e| EngineError::Host(e.to_string()))?;
-        let fw = berth_net::Firewall {
-            uplink: host.uplink.clone(),
-            subnet4: host.subnet4,
-            subnet6: host.subnet6,
-            guests: guests.iter().map(|g| link_of(g)).collect(),
-        };
-        berth_net::apply_ruleset(&fw).map_err(|e| EngineError::Host(e.to_string()))?;
+        berth_net::apply_ruleset(&firewall_of(host))
+            .map_err(|e| EngineError::Host(e.to_string()))?;
         self.store.add_resource(&Resource {
             kind: "nft_table".into(),
             name: "inet berth".into(),
@@ -185,18 +183,16 @@ impl Engine {
         Ok(())
     }
 
-    /// Re-renders the firewall for the guests recorded now (after a destroy).
+    /// Restores the host's network setup from the store (daemon start).
     pub fn refresh_firewall(&self) -> Result<(), EngineError> {
-        let Some(host) = self
+        match self
             .store
             .host()?
             .and_then(|j| serde_json::from_str::<Host>(&j).ok())
-        else {
-            return Ok(());
-        };
-        let recs = self.store.guests()?;
-        let guests: Vec<Guest> = recs.iter().filter_map(|r| self.applied(r).ok()).collect();
-        self.apply_host(&host, &guests.iter().collect::<Vec<_>>())
+        {
+            Some(host) => self.apply_host(&host),
+            None => Ok(()),
+        }
     }
 
     // ----- guests -----------------------------------------------------------
@@ -467,31 +463,34 @@ impl Engine {
             }
             EngineError::guest(&g.name, msg)
         };
-        loop {
-            let live = client::status(paths);
-            match live.as_ref().map(|s| s.state) {
-                Some(ShimState::Running) => break,
-                Some(ShimState::Failed | ShimState::Stopped | ShimState::Restarting) => {
-                    let s = live.or_else(|| client::last_status(paths));
-                    let _ = self.stop_shim(&g.name);
-                    return Err(failed(s.as_ref()));
+        // The shim needs a moment to bind its socket; then one request waits
+        // until the guest has left `starting`.
+        let live = loop {
+            match client::request(
+                &paths.socket(),
+                &Request::WaitStarted,
+                Duration::from_secs(90),
+            ) {
+                Ok(s) => break s,
+                Err(_) => {
+                    // The shim may have exited already (policy never); its file says why.
+                    if let Some(last) = client::last_status(paths).filter(|s| s.state.is_final()) {
+                        return Err(failed(Some(&last)));
+                    }
+                    if Instant::now() > deadline {
+                        let _ = self.stop_shim(&g.name);
+                        return Err(EngineError::guest(
+                            &g.name,
+                            "its supervisor did not come up within 60 s",
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
                 }
-                _ => {}
             }
-            if live.is_none() {
-                // The shim may have exited already (policy never); its file says why.
-                if let Some(last) = client::last_status(paths).filter(|s| s.state.is_final()) {
-                    return Err(failed(Some(&last)));
-                }
-            }
-            if Instant::now() > deadline {
-                let _ = self.stop_shim(&g.name);
-                return Err(EngineError::guest(
-                    &g.name,
-                    "did not reach running within 60 s",
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        };
+        if live.state != ShimState::Running {
+            let _ = self.stop_shim(&g.name);
+            return Err(failed(Some(&live)));
         }
         std::thread::sleep(start_grace());
         match client::status(paths) {
@@ -621,6 +620,25 @@ impl Engine {
     /// Applies the part of a plan that concerns one guest.
     pub fn guest_of<'a>(desired: &'a Desired, name: &str) -> Option<&'a Guest> {
         desired.guests.get(name)
+    }
+}
+
+/// The firewall of a host: NAT for its subnets, and source filters for
+/// every guest index it allows.
+pub fn firewall_of(host: &Host) -> berth_net::Firewall {
+    berth_net::Firewall {
+        uplink: host.uplink.clone(),
+        subnet4: host.subnet4,
+        subnet6: host.subnet6,
+        guests: (1..host.max_guests)
+            .map(|i| berth_net::GuestLink {
+                name: format!("vb{i}"),
+                guest4: host.addr4(i),
+                host4: host.subnet4.network(),
+                guest6: host.addr6(i),
+                host6: host.subnet6.map(|n| n.network()),
+            })
+            .collect(),
     }
 }
 

@@ -1,7 +1,6 @@
 //! HTTP/JSON handlers. Each turns a request into one engine call; blocking
 //! work runs on the blocking pool.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,7 +15,7 @@ use berth_api::{
     VersionInfo,
 };
 use berth_plan::{Action, ActionKind, Plan};
-use berth_spec::{Desired, Guest};
+use berth_spec::Desired;
 use tokio::sync::{Mutex, mpsc};
 
 use crate::engine::{Engine, EngineError, LocalProbe};
@@ -175,7 +174,6 @@ async fn destroy_one(
     let e = app.engine.clone();
     let removed = blocking(move || {
         let removed = e.destroy(&name, 0)?;
-        e.refresh_firewall()?;
         Ok((name, removed))
     })
     .await?;
@@ -327,25 +325,29 @@ fn run_apply(
     // Host: forwarding and the firewall, covering both the guests that stay
     // and the ones about to be created, so every guest link is filtered from
     // its first packet.
-    let t = Instant::now();
-    send(step(
-        None,
-        "host",
-        StepStatus::Started,
-        "forwarding, NAT and source filters".into(),
-        t,
-    ));
-    let mut all: BTreeMap<&str, &Guest> = observed
-        .guests
-        .iter()
-        .map(|(n, o)| (n.as_str(), &o.applied))
-        .collect();
-    all.extend(desired.guests.iter().map(|(n, g)| (n.as_str(), g)));
-    match engine.apply_host(&desired.host, &all.values().copied().collect::<Vec<_>>()) {
-        Ok(()) => send(step(None, "host", StepStatus::Done, String::new(), t)),
-        Err(e) => {
-            send(step(None, "host", StepStatus::Failed, e.to_string(), t));
-            return fail(format!("host network: {e}"));
+    // Host: forwarding, NAT and source filters, before any guest starts.
+    // The table depends on the host config only, so it is rewritten only
+    // when that changed (or was never applied).
+    if observed.host.as_ref() != Some(&desired.host) {
+        let t = Instant::now();
+        send(step(
+            None,
+            "host",
+            StepStatus::Started,
+            "forwarding, NAT and source filters".into(),
+            t,
+        ));
+        let res = engine.apply_host(&desired.host).and_then(|()| {
+            let j = serde_json::to_string(&desired.host)
+                .map_err(|e| EngineError::Host(e.to_string()))?;
+            Ok(engine.store.put_host(&j)?)
+        });
+        match res {
+            Ok(()) => send(step(None, "host", StepStatus::Done, String::new(), t)),
+            Err(e) => {
+                send(step(None, "host", StepStatus::Failed, e.to_string(), t));
+                return fail(format!("host network: {e}"));
+            }
         }
     }
 
@@ -386,15 +388,6 @@ fn run_apply(
         }
     });
 
-    // Final firewall: exactly the guests now recorded.
-    if let Err(e) = engine.refresh_firewall() {
-        errors.push(format!("host network: {e}"));
-    }
-    if let Ok(j) = serde_json::to_string(&desired.host) {
-        if let Err(e) = engine.store.put_host(&j) {
-            errors.push(e.to_string());
-        }
-    }
     let ok = errors.is_empty();
     if ok {
         if let Err(e) = engine.store.mark_applied(generation) {

@@ -8,12 +8,16 @@
 //! # What the table does
 //!
 //! * `prerouting_filter` (filter, hook prerouting, priority raw = -300, policy
-//!   accept): per guest link, drop IPv4 whose source is not the guest's
-//!   address, drop IPv6 whose source is neither the guest's address nor
-//!   link-local (`fe80::/10`, needed for NDP; without IPv6 on the guest only
-//!   link-local is let through), and drop DHCP/DHCPv6 server replies
-//!   (`udp sport 67` / `udp sport 547`) sent by a guest. Running before
-//!   conntrack (-200) means spoofed packets never create conntrack entries.
+//!   accept): on guest links (`vb*`), drop IPv4 whose `(link, source)` pair
+//!   is not in set `guest4`, drop IPv6 whose source is neither link-local
+//!   (`fe80::/10`, needed for NDP) nor a `(link, source)` pair in set
+//!   `guest6`, and drop DHCP/DHCPv6 server replies (`udp sport 67` /
+//!   `udp sport 547`) sent by a guest. A set lookup costs the same for 2 or
+//!   4000 guests; a link that is not in the sets (no guest, or no IPv6) may
+//!   send nothing but link-local. Running before conntrack (-200) means
+//!   spoofed packets never create conntrack entries. The daemon fills the sets
+//!   with every index the host allows (1..max_guests), so creating or
+//!   removing a guest never has to touch the table.
 //! * `forward` (filter, hook forward, priority 0, policy accept): accept
 //!   established/related; accept anything arriving from a guest link
 //!   (`iifname "vb*"`); drop connections from the uplink to the guest subnets
@@ -47,6 +51,9 @@ pub const TABLE_NAME: &str = "berth";
 
 /// Wildcard matching every guest link name (see `GuestLink::name`).
 const GUEST_LINK_GLOB: &str = "vb*";
+/// Sets of `(link, address)` pairs a guest may send from.
+const GUEST4_SET: &str = "guest4";
+const GUEST6_SET: &str = "guest6";
 
 /// The firewall/NAT configuration of one host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,37 +111,65 @@ fn is_ula(net: &Ipv6Net) -> bool {
     net.addr().octets()[0] == 0xfd && net.prefix_len() >= 8
 }
 
-/// Per-guest anti-spoofing rules for the `prerouting_filter` chain.
-fn guest_rules(g: &GuestLink) -> Vec<Value> {
-    let iif = || matches("==", meta("iifname"), json!(g.name));
-    let allowed6 = match g.guest6 {
-        Some(g6) => json!({"set": [g6.to_string(), prefix("fe80::", 10)]}),
-        None => prefix("fe80::", 10),
+/// The sets of (guest link, address) pairs allowed as packet sources.
+fn guest_sets(guests: &[GuestLink]) -> Vec<Value> {
+    let elems4: Vec<Value> = guests
+        .iter()
+        .map(|g| json!({"concat": [g.name, g.guest4.to_string()]}))
+        .collect();
+    let elems6: Vec<Value> = guests
+        .iter()
+        .filter_map(|g| g.guest6.map(|a| json!({"concat": [g.name, a.to_string()]})))
+        .collect();
+    let set = |name: &str, addr: &str, elems: Vec<Value>| {
+        let mut s = json!({
+            "family": TABLE_FAMILY, "table": TABLE_NAME, "name": name,
+            "type": ["ifname", addr],
+        });
+        if !elems.is_empty() {
+            s["elem"] = json!(elems);
+        }
+        json!({"add": {"set": s}})
     };
     vec![
+        set(GUEST4_SET, "ipv4_addr", elems4),
+        set(GUEST6_SET, "ipv6_addr", elems6),
+    ]
+}
+
+/// Anti-spoofing rules for the `prerouting_filter` chain: one set lookup per
+/// packet whatever the number of guests.
+fn antispoof_rules() -> Vec<Value> {
+    let from_guest = || matches("==", meta("iifname"), json!(GUEST_LINK_GLOB));
+    let pair = |proto: &str| json!({"concat": [meta("iifname"), payload(proto, "saddr")]});
+    vec![
+        // DHCP / DHCPv6 server replies from a guest.
         rule(
             "prerouting_filter",
             vec![
-                iif(),
-                matches("!=", payload("ip", "saddr"), json!(g.guest4.to_string())),
-                counter(),
-                verdict("drop"),
-            ],
-        ),
-        rule(
-            "prerouting_filter",
-            vec![
-                iif(),
-                matches("!=", payload("ip6", "saddr"), allowed6),
-                counter(),
-                verdict("drop"),
-            ],
-        ),
-        rule(
-            "prerouting_filter",
-            vec![
-                iif(),
+                from_guest(),
                 matches("==", payload("udp", "sport"), json!({"set": [67, 547]})),
+                counter(),
+                verdict("drop"),
+            ],
+        ),
+        // IPv4 whose source is not the address of the link it came from.
+        rule(
+            "prerouting_filter",
+            vec![
+                from_guest(),
+                matches("!=", pair("ip"), json!(format!("@{GUEST4_SET}"))),
+                counter(),
+                verdict("drop"),
+            ],
+        ),
+        // IPv6 likewise; link-local (fe80::/10) passes for NDP.
+        rule(
+            "prerouting_filter",
+            vec![
+                from_guest(),
+                matches("!=", payload("ip6", "saddr"), prefix("fe80::", 10)),
+                matches("!=", pair("ip6"), json!(format!("@{GUEST6_SET}"))),
                 counter(),
                 verdict("drop"),
             ],
@@ -156,9 +191,8 @@ pub fn render_ruleset(fw: &Firewall) -> Value {
         chain("postrouting", "nat", "postrouting", 100),
     ];
 
-    for g in &fw.guests {
-        cmds.extend(guest_rules(g));
-    }
+    cmds.extend(guest_sets(&fw.guests));
+    cmds.extend(antispoof_rules());
 
     let uplink_in = || matches("==", meta("iifname"), json!(fw.uplink));
     cmds.push(rule(
@@ -449,37 +483,42 @@ mod tests {
     }
 
     #[test]
-    fn antispoof_rules_per_guest() {
+    fn antispoof_by_set_lookup() {
         let doc = render_ruleset(&fw(Some("fd00::/64")));
+        let sets: Vec<&Value> = cmds(&doc)
+            .iter()
+            .filter_map(|c| c["add"].get("set"))
+            .collect();
+        assert_eq!(sets.len(), 2);
+        assert_eq!(sets[0]["name"], "guest4");
+        assert_eq!(sets[0]["type"], json!(["ifname", "ipv4_addr"]));
+        assert_eq!(
+            sets[0]["elem"],
+            json!([{"concat": ["vb2", "10.0.0.2"]}, {"concat": ["vb3", "10.0.0.3"]}])
+        );
+        // vb3 has no IPv6: it is not in guest6, so only link-local passes.
+        assert_eq!(sets[1]["elem"], json!([{"concat": ["vb2", "fd00::2"]}]));
+
         let pre = rules_in(&doc, "prerouting_filter");
-        assert_eq!(pre.len(), 3 * 2);
-        for (guest, rules) in ["vb2", "vb3"].iter().zip(pre.chunks(3)) {
-            for r in rules {
-                assert_eq!(r["expr"][0]["match"]["right"], *guest, "{r}");
-                assert_eq!(
-                    r["expr"].as_array().unwrap().last().unwrap(),
-                    &json!({"drop": null})
-                );
-            }
+        assert_eq!(pre.len(), 3, "three rules whatever the number of guests");
+        for r in &pre {
+            assert_eq!(r["expr"][0]["match"]["right"], "vb*", "{r}");
+            assert_eq!(
+                r["expr"].as_array().unwrap().last().unwrap(),
+                &json!({"drop": null})
+            );
         }
-        // vb2: v4 source must be its own address.
-        assert_eq!(pre[0]["expr"][1]["match"]["op"], "!=");
-        assert_eq!(pre[0]["expr"][1]["match"]["right"], "10.0.0.2");
-        // vb2: v6 source must be its own or link-local.
         assert_eq!(
-            pre[1]["expr"][1]["match"]["right"],
-            json!({"set": ["fd00::2", {"prefix": {"addr": "fe80::", "len": 10}}]})
-        );
-        // vb3 has no IPv6: only link-local passes.
-        assert_eq!(
-            pre[4]["expr"][1]["match"]["right"],
-            json!({"prefix": {"addr": "fe80::", "len": 10}})
-        );
-        // DHCP server replies from guests are dropped.
-        assert_eq!(
-            pre[2]["expr"][1]["match"]["right"],
+            pre[0]["expr"][1]["match"]["right"],
             json!({"set": [67, 547]})
         );
+        assert_eq!(pre[1]["expr"][1]["match"]["op"], "!=");
+        assert_eq!(pre[1]["expr"][1]["match"]["right"], "@guest4");
+        assert_eq!(
+            pre[2]["expr"][1]["match"]["right"],
+            json!({"prefix": {"addr": "fe80::", "len": 10}})
+        );
+        assert_eq!(pre[2]["expr"][2]["match"]["right"], "@guest6");
     }
 
     #[test]

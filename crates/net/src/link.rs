@@ -437,6 +437,10 @@ where
 /// Delete a link by name in the current netns; `Ok(false)` if it did not exist.
 pub fn delete_link(name: &str) -> Result<bool, NetError> {
     check_ifname(name)?;
+    // Cheap check first: most calls are "make sure it is gone" on a start.
+    if !interface_exists(name) {
+        return Ok(false);
+    }
     block_on(|h| async move {
         match link_index(&h, name, "current netns").await? {
             Some(index) => delete_index(&h, index, name).await,

@@ -373,7 +373,8 @@ fn container_link_routes_firewall_and_cleanup() {
     let listing = run_ok(&[&in_host[..], &["nft", "list", "table", "inet", "berth"]].concat());
     eprintln!("{listing}");
     assert!(
-        listing.contains("iifname \"vb2\" ip saddr != 10.99.0.2"),
+        listing.contains("iifname . ip saddr != @guest4")
+            && listing.contains("\"vb2\" . 10.99.0.2"),
         "{listing}"
     );
     assert!(listing.contains("iifname \"vb*\" accept"), "{listing}");

@@ -85,6 +85,9 @@ pub struct ShimStatus {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// Reply once the guest has left `starting` (running, or failed to
+    /// start): lets the daemon wait for a start without polling.
+    WaitStarted,
     /// Stop the guest; the reply comes once it has stopped and the shim is exiting.
     Stop,
 }

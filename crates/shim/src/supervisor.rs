@@ -83,9 +83,9 @@ impl Shared {
         if self.stop.swap(true, Ordering::SeqCst) {
             return;
         }
-        let runner = {
+        let (runner, starting) = {
             let s = self.lock();
-            s.runner_pid
+            (s.runner_pid, s.state == ShimState::Starting)
         };
         self.update(|s| {
             if !s.state.is_final() {
@@ -96,7 +96,13 @@ impl Shared {
             "stop requested; stopping guest (timeout {:?})",
             self.stop_timeout
         ));
-        if let Some(pid) = runner {
+        if let (Some(pid), true) = (runner, starting) {
+            // The command was not released yet: nothing to stop gracefully,
+            // and nspawn may not forward signals this early. The cgroup
+            // cleanup after it exits ends whatever it started.
+            log("stop during start: ending the container now");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        } else if let Some(pid) = runner {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             let me = Arc::clone(self);
             std::thread::spawn(move || {
@@ -254,6 +260,20 @@ fn handle(conn: UnixStream, shared: &Arc<Shared>) {
     }
     let mut conn = conn;
     match serde_json::from_str::<Request>(&line) {
+        Ok(Request::WaitStarted) => {
+            let guard = shared.lock();
+            let (guard, _) = shared
+                .changed
+                .wait_timeout_while(guard, Duration::from_secs(120), |s| {
+                    s.state == ShimState::Starting
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            let s = guard.clone();
+            drop(guard);
+            let mut out = serde_json::to_string(&s).unwrap_or_default();
+            out.push('\n');
+            let _ = conn.write_all(out.as_bytes());
+        }
         Ok(Request::Status) => {
             let s = shared.lock().clone();
             let mut out = serde_json::to_string(&s).unwrap_or_default();
@@ -442,6 +462,7 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
     drop(procs);
     let runner = child.id() as i32;
     shared.update(|s| s.runner_pid = Some(runner));
+    let stopped = |shared: &Shared| shared.stop.load(Ordering::SeqCst);
 
     let fail = |child: &mut Child, msg: String| -> String {
         let _ = child.kill();
@@ -453,6 +474,9 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
             format!("{msg}; last output: {tail}")
         }
     };
+    if stopped(shared) {
+        return Err(fail(&mut child, "stopped while starting".into()));
+    }
     let Some(leader) = process::find_leader(runner, Duration::from_secs(15)) else {
         return Err(fail(
             &mut child,
@@ -469,6 +493,9 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
     if let Err(e) = berth_net::setup_container_link(&link, leader) {
         return Err(fail(&mut child, format!("network setup: {e}")));
     }
+    if stopped(shared) {
+        return Err(fail(&mut child, "stopped while starting".into()));
+    }
     if let Err(e) = std::fs::write(&ready, b"") {
         return Err(fail(&mut child, format!("releasing the guest: {e}")));
     }
@@ -477,7 +504,9 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
         cfg.addresses().join(" ")
     ));
     shared.update(|s| {
-        s.state = ShimState::Running;
+        if s.state == ShimState::Starting {
+            s.state = ShimState::Running;
+        }
         s.leader_pid = Some(leader);
         s.started_at = Some(now());
         s.message = (!warnings.is_empty()).then(|| warnings.join("; "));

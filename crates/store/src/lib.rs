@@ -335,6 +335,10 @@ impl Store {
 
     fn init(mut conn: Connection) -> Result<Store, StoreError> {
         conn.pragma_update(None, "foreign_keys", true)?;
+        // WAL + NORMAL: a commit survives a crash of berth (kill -9); only a
+        // power loss can drop the last commits, never corrupt the database.
+        // Every resource is named from its guest, so recovery re-derives it.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         migrate(&mut conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
