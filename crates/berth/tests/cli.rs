@@ -54,12 +54,14 @@ impl Daemon {
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn daemon");
+        // Dropping `d` kills and reaps the daemon, also if it never came up.
+        let d = Daemon {
+            child,
+            dir: dir.to_path_buf(),
+        };
         for _ in 0..500 {
             if UnixStream::connect(dir.join("berth.sock")).is_ok() {
-                return Daemon {
-                    child,
-                    dir: dir.to_path_buf(),
-                };
+                return d;
             }
             std::thread::sleep(Duration::from_millis(10));
         }

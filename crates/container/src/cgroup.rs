@@ -79,7 +79,7 @@ impl Layout {
 
 fn is_cgroup2(p: &Path) -> bool {
     nix::sys::statfs::statfs(p)
-        .map(|s| s.filesystem_type().0 as i64 == CGROUP2_SUPER_MAGIC)
+        .map(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
         .unwrap_or(false)
 }
 
@@ -235,12 +235,10 @@ impl Cgroup {
 
     /// Kills every process of the guest and waits until none is left.
     pub fn kill_all(&self, wait: Duration) -> Result<(), CgroupError> {
-        if let Some(d) = &self.v2 {
-            if d.exists() {
-                // cgroup.kill (Linux 5.14) kills the whole subtree atomically,
-                // including processes forked while we look.
-                let _ = write_file(&d.join("cgroup.kill"), "1");
-            }
+        if let Some(d) = self.v2.as_ref().filter(|d| d.exists()) {
+            // cgroup.kill (Linux 5.14) kills the whole subtree atomically,
+            // including processes forked while we look.
+            let _ = write_file(&d.join("cgroup.kill"), "1");
         }
         let deadline = Instant::now() + wait;
         loop {

@@ -24,10 +24,8 @@ pub fn install(dir: &Path) -> std::io::Result<PathBuf> {
     }
     std::fs::create_dir_all(dir)?;
     let dest = dir.join("berth-init");
-    if let Ok(existing) = std::fs::read(&dest) {
-        if existing == INIT_BINARY {
-            return Ok(dest);
-        }
+    if std::fs::read(&dest).is_ok_and(|existing| existing == INIT_BINARY) {
+        return Ok(dest);
     }
     let tmp = dir.join(format!(".berth-init.{}", std::process::id()));
     {

@@ -431,10 +431,8 @@ impl Engine {
     /// the guest runs and has stayed up for the start grace period.
     pub fn start_shim(&self, g: &Guest) -> Result<(), EngineError> {
         let paths = self.paths(&g.name);
-        if let Some(s) = client::status(&paths) {
-            if !s.state.is_final() {
-                return Ok(());
-            }
+        if client::status(&paths).is_some_and(|s| !s.state.is_final()) {
+            return Ok(());
         }
         let _ = std::fs::remove_file(paths.status());
         client::spawn(&self.exe, &self.state_dir, &g.name)

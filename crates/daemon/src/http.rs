@@ -389,10 +389,8 @@ fn run_apply(
     });
 
     let ok = errors.is_empty();
-    if ok {
-        if let Err(e) = engine.store.mark_applied(generation) {
-            errors.push(e.to_string());
-        }
+    if ok && let Err(e) = engine.store.mark_applied(generation) {
+        errors.push(e.to_string());
     }
     let summary = if ok {
         format!("applied: {}", plan.summary())

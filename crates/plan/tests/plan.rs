@@ -271,6 +271,7 @@ fn table_every_field() {
             |s| {
                 let mut c = s.guest["b"].clone();
                 c.index = 4;
+                c.rootfs = Some("/var/lib/berth/rootfs/c".into());
                 s.guest.insert("c".into(), c);
             },
             vec![("c", K::Create, I::None)],
@@ -284,6 +285,7 @@ fn table_every_field() {
                 g(s, "a").restart = Some(RestartPolicy::Never);
                 let mut c = s.guest["a"].clone();
                 c.index = 3;
+                c.rootfs = Some("/var/lib/berth/rootfs/c".into());
                 s.guest.insert("c".into(), c);
             },
             vec![
@@ -631,9 +633,11 @@ fn summary_and_display() {
         g(s, "a").memory = Some(ByteSize(256 << 20));
         let mut c = s.guest["a"].clone();
         c.index = 3;
+        c.rootfs = Some("/var/lib/berth/rootfs/db2".into());
         s.guest.insert("db2".into(), c);
         let mut d = s.guest["a"].clone();
         d.index = 4;
+        d.rootfs = Some("/var/lib/berth/rootfs/db3".into());
         s.guest.insert("db3".into(), d);
     });
     let p = plan(&new, &running(&old));

@@ -131,10 +131,10 @@ fn log(msg: &str) {
 
 fn write_status(path: &Path, s: &ShimStatus) {
     let tmp = path.with_extension("json.tmp");
-    if let Ok(bytes) = serde_json::to_vec(s) {
-        if std::fs::write(&tmp, bytes).is_ok() {
-            let _ = std::fs::rename(&tmp, path);
-        }
+    if let Ok(bytes) = serde_json::to_vec(s)
+        && std::fs::write(&tmp, bytes).is_ok()
+    {
+        let _ = std::fs::rename(&tmp, path);
     }
 }
 

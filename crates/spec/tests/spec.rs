@@ -464,6 +464,8 @@ fn index_rules() {
 #[test]
 fn index_clash_is_one_error_naming_both() {
     let mut s = spec(BASE);
+    // Both read-only, so sharing the rootfs is fine and only the index clashes.
+    db1(&mut s).read_only = Some(true);
     let g = s.guest["db1"].clone();
     s.guest.insert("app".into(), g);
     let errs = validate(&s, Path::new(FILE), &Fake::new()).expect_err("clash");
@@ -646,4 +648,27 @@ fn all_errors_reported_at_once() {
     assert_eq!(text.lines().count(), errs.len());
     assert!(text.lines().all(|l| l.starts_with(FILE)), "{text}");
     assert!(errs.iter().any(|e| e.guest() == Some("db1")));
+}
+
+#[test]
+fn shared_rootfs_needs_ephemeral_or_read_only() {
+    let mut s = spec(BASE);
+    let mut other = s.guest["db1"].clone();
+    other.index = 3;
+    s.guest.insert("db2".into(), other);
+    let errs = errors_of(&s);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("also used by guest") && errs[0].contains("ephemeral = true"),
+        "{errs:?}"
+    );
+
+    for g in s.guest.values_mut() {
+        g.ephemeral = Some(true);
+    }
+    let ok = |s: &Spec| validate(s, Path::new(FILE), &Fake::new()).is_ok();
+    assert!(ok(&s));
+    s.guest.get_mut("db2").expect("db2").ephemeral = None;
+    s.guest.get_mut("db2").expect("db2").read_only = Some(true);
+    assert!(ok(&s), "ephemeral + read-only guests may share a rootfs");
 }

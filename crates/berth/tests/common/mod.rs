@@ -176,12 +176,11 @@ impl Drop for Berth {
         // Shims that outlived everything (a failed destroy): SIGTERM stops their guests.
         if let Ok(rd) = std::fs::read_dir(self.state.join("guests")) {
             for e in rd.flatten() {
-                if let Ok(s) = std::fs::read(e.path().join("status.json")) {
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&s) {
-                        if let Some(pid) = v["shim_pid"].as_i64() {
-                            let _ = Command::new("kill").arg(pid.to_string()).status();
-                        }
-                    }
+                if let Ok(s) = std::fs::read(e.path().join("status.json"))
+                    && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&s)
+                    && let Some(pid) = v["shim_pid"].as_i64()
+                {
+                    let _ = Command::new("kill").arg(pid.to_string()).status();
                 }
             }
         }
