@@ -89,7 +89,8 @@ sed -e "s|^uplink = \"eth0\"|uplink = \"up0\"|" \
     examples/demo.toml > "$dir/demo.toml"
 
 say "starting the daemon (log: $dir/daemon.log)"
-in_host "$berth" daemon >"$dir/daemon.log" 2>&1 &
+# nsenter execs berth, so $! is the daemon's PID.
+nsenter --net=/run/netns/$host_ns "$berth" daemon >"$dir/daemon.log" 2>&1 </dev/null &
 echo $! > "$dir/daemon.pid"
 i=0
 until [ -S "$BERTH_SOCKET" ]; do
