@@ -208,10 +208,25 @@ impl Cgroup {
             .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
     }
 
-    /// Opens every `cgroup.procs` for writing, so a child can join them between
-    /// fork and exec with nothing but `write(2)` (see [`join_from_pre_exec`]).
-    pub fn procs_files(&self) -> Result<Vec<File>, CgroupError> {
-        self.dirs()
+    /// Opens the `cgroup.procs` files a guest must join, so a child can join
+    /// them between fork and exec with nothing but `write(2)` (see
+    /// [`join_from_pre_exec`]): always the v2 group (kill, accounting), the
+    /// v1 `memory`/`cpu` groups only when that limit is set. Moving a process
+    /// into a cgroup costs a few milliseconds each (an RCU grace period), so
+    /// joining hierarchies for nothing would slow every start.
+    pub fn procs_files(&self, memory: bool, cpu: bool) -> Result<Vec<File>, CgroupError> {
+        let v1_memory = self
+            .v1_memory
+            .as_ref()
+            .filter(|_| memory && !self.layout.v2_has("memory"));
+        let v1_cpu = self
+            .v1_cpu
+            .as_ref()
+            .filter(|_| cpu && !self.layout.v2_has("cpu"));
+        self.v2
+            .iter()
+            .chain(v1_memory)
+            .chain(v1_cpu)
             .map(|d| {
                 let p = d.join("cgroup.procs");
                 std::fs::OpenOptions::new()

@@ -424,7 +424,9 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
         ephemeral: cfg.ephemeral,
         read_only: cfg.read_only,
     });
-    let procs = cg.procs_files().map_err(|e| e.to_string())?;
+    let procs = cg
+        .procs_files(cfg.memory.is_some(), cfg.cpus.is_some())
+        .map_err(|e| e.to_string())?;
     let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
