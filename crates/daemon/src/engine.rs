@@ -535,11 +535,20 @@ impl Engine {
     /// new one. Guests whose shim runs are left alone (no interruption).
     pub fn readopt(&self) -> Result<Vec<String>, EngineError> {
         let mut notes = Vec::new();
+        let rebooted = self.note_boot();
+        if rebooted {
+            notes.push("first start since the host booted: starting autostart guests".into());
+        }
         for rec in self.store.guests()? {
             let paths = self.paths(&rec.name);
             match (rec.phase, rec.run, client::status(&paths)) {
                 (Phase::Ready, _, Some(s)) => {
                     notes.push(format!("{}: re-adopted (shim {}, leader {:?})", rec.name, s.shim_pid, s.leader_pid))
+                }
+                (Phase::Ready, RunState::Running, None) if rebooted && !self.applied(&rec)?.autostart => {
+                    // After a reboot only autostart guests come back.
+                    self.store.set_run_state(&rec.name, RunState::Stopped)?;
+                    notes.push(format!("{}: host rebooted; not started (autostart = false)", rec.name));
                 }
                 (Phase::Ready, RunState::Running, None) => {
                     let g = self.applied(&rec)?;
@@ -557,6 +566,16 @@ impl Engine {
             }
         }
         Ok(notes)
+    }
+
+    /// Records this boot's id; true if the last daemon ran in another boot
+    /// (no record counts as the same boot: nothing to start on a fresh store).
+    fn note_boot(&self) -> bool {
+        let Ok(now) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else { return false };
+        let file = self.state_dir.join("boot_id");
+        let before = std::fs::read_to_string(&file).ok();
+        let _ = std::fs::write(&file, &now);
+        before.is_some_and(|b| b.trim() != now.trim())
     }
 
     /// Removes every guest and every host resource berth recorded.
