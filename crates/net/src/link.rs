@@ -416,6 +416,34 @@ pub fn setup_container_link(link: &GuestLink, pid: i32) -> Result<(), NetError> 
     Ok(())
 }
 
+/// For a VM: configure the host side of an existing tap `link.name` (the
+/// supervisor created it and handed its fd to QEMU): host addresses
+/// `host4/32` (+ `host6/128`), link up, routes to `guest4/32` (+ `guest6/128`)
+/// through it. The guest configures its own side (from the `ip=` kernel
+/// argument, a config disk or static config).
+pub fn setup_host_side(link: &GuestLink) -> Result<(), NetError> {
+    check_ifname(&link.name)?;
+    let started = Instant::now();
+    block_on(|h| async move {
+        let name = link.name.as_str();
+        let index =
+            link_index(&h, name, "host netns")
+                .await?
+                .ok_or_else(|| NetError::LinkNotFound {
+                    name: name.to_string(),
+                    netns: "host netns".into(),
+                })?;
+        configure_host_side(&h, link, index).await
+    })?;
+    tracing::info!(
+        link = link.name.as_str(),
+        guest4 = %link.guest4,
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "tap host side set up"
+    );
+    Ok(())
+}
+
 async fn delete_index(handle: &Handle, index: u32, name: &str) -> Result<bool, NetError> {
     match handle.link().del(index).execute().await {
         Ok(()) => Ok(true),
