@@ -21,6 +21,7 @@
 mod error;
 mod size;
 mod validate;
+pub mod vm;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -110,6 +111,49 @@ pub struct GuestSpec {
     /// Container: mount `rootfs` read-only (shareable). Default false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_only: Option<bool>,
+
+    // ----- VM fields (kind = "vm"); `memory` defaults to 256M, `cpus` is the
+    // number of vCPUs (a whole number, default 1).
+    /// VM: "microvm" (default; direct kernel boot) or "q35" (firmware, disks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<vm::Machine>,
+    /// VM: "auto" (default), "kvm" or "tcg"; env BERTH_ACCEL overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<vm::AccelChoice>,
+    /// VM: kernel image for a direct boot (required for microvm).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    /// VM: initramfs for a direct boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// VM: kernel command line, e.g. "console=ttyS0".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// VM: append `ip=<guest>::<host>:255.255.255.255:<name>:eth0:off` to a
+    /// direct boot's command line so the guest can configure itself. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_cmdline: Option<bool>,
+    /// VM: disks, `[{ path, size, format = "raw"|"qcow2", readonly }]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<vm::DiskSpec>,
+    /// VM: an ISO image attached as a CD-ROM (q35; boots first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdrom: Option<PathBuf>,
+    /// VM (q35): "bios" (SeaBIOS, default) or "uefi" (OVMF, must be installed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<vm::Firmware>,
+    /// VM: host CPUs for the vCPU threads, e.g. [4, 5, 6, 7].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_pinning: Option<Vec<usize>>,
+    /// VM: host CPUs for QEMU's other threads (default: those not in cpu_pinning).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emulator_cpus: Option<Vec<usize>>,
+    /// VM: no other pinned VM may share this VM's pinned CPUs. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclusive: Option<bool>,
+    /// VM: back guest memory with 2 MiB hugepages (preallocated). Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepages: Option<bool>,
 }
 
 /// What runs the guest.

@@ -34,6 +34,14 @@ pub trait HostProbe {
     fn exists(&self, p: &Path) -> bool;
     /// Whether a network interface of that name exists; `None` = cannot tell.
     fn interface_exists(&self, name: &str) -> Option<bool>;
+    /// The host's online CPUs; `None` = cannot tell.
+    fn host_cpus(&self) -> Option<Vec<usize>> {
+        None
+    }
+    /// Whether KVM works here (`Err(reason)` if not); `None` = cannot tell.
+    fn kvm(&self) -> Option<Result<(), String>> {
+        None
+    }
 }
 
 /// A probe that knows nothing: every path exists, interfaces are unknown.
@@ -99,6 +107,9 @@ pub struct Guest {
     /// The rootfs is mounted read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// The VM part (`kind = "vm"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<crate::vm::Vm>,
 }
 
 impl Guest {
@@ -219,6 +230,31 @@ pub fn validate(
                     a: (*first).to_string(),
                     b: (*other).to_string(),
                     index,
+                });
+            }
+        }
+    }
+
+    // Exclusive pinning: no two pinned VMs share a CPU if either asks for it.
+    let pinned: Vec<(&String, &crate::vm::Vm)> =
+        guests.iter().filter_map(|(n, g)| g.vm.as_ref().map(|v| (n, v))).filter(|(_, v)| !v.cpu_pinning.is_empty()).collect();
+    for (i, (a, va)) in pinned.iter().enumerate() {
+        for (b, vb) in &pinned[i + 1..] {
+            if !(va.exclusive || vb.exclusive) {
+                continue;
+            }
+            let shared: Vec<String> =
+                va.cpu_pinning.iter().filter(|c| vb.cpu_pinning.contains(c)).map(|c| c.to_string()).collect();
+            if !shared.is_empty() {
+                cx.errors.push(SpecError::Invalid {
+                    file: file.to_path_buf(),
+                    guest: Some((*a).clone()),
+                    field: "cpu_pinning".into(),
+                    reason: format!(
+                        "CPU {} is pinned by both `{a}` and `{b}`, and {} asks for exclusive CPUs; pin them to different CPUs or drop `exclusive`",
+                        shared.join(", "),
+                        if va.exclusive { a.as_str() } else { b.as_str() }
+                    ),
                 });
             }
         }
@@ -454,13 +490,13 @@ fn validate_guest(
         );
     }
 
-    if g.kind == GuestKind::Vm {
-        cx.guest(
-            name,
-            "kind",
-            "kind \"vm\" is not supported by this build yet; use kind = \"container\"",
-        );
-    }
+    let vm = match g.kind {
+        GuestKind::Vm => validate_vm(cx, name, g, probe),
+        GuestKind::Container => {
+            reject_vm_fields(cx, name, g);
+            None
+        }
+    };
 
     if g.index == 0 {
         let upper = max_guests.map_or_else(|| "max_guests-1".to_string(), |m| (m - 1).to_string());
@@ -483,6 +519,20 @@ fn validate_guest(
             )
         };
         cx.guest(name, "index", reason);
+    }
+
+    if g.kind == GuestKind::Vm {
+        for (field, set) in [
+            ("rootfs", g.rootfs.is_some()),
+            ("command", g.command.is_some()),
+            ("ephemeral", g.ephemeral.is_some()),
+            ("read_only", g.read_only.is_some()),
+            ("env", !g.env.is_empty()),
+        ] {
+            if set {
+                cx.guest(name, field, format!("`{field}` applies to containers; a VM runs its kernel or disks (see `kernel`, `disks`)"));
+            }
+        }
     }
 
     let rootfs = match (&g.rootfs, g.kind) {
@@ -640,7 +690,6 @@ fn validate_guest(
         host6: host.subnet6.map(|n| n.network()),
         rootfs,
         command,
-        memory: g.memory.map(|m| m.0),
         cpus: g.cpus,
         autostart: g.autostart.unwrap_or(true),
         restart: g.restart.unwrap_or_default(),
@@ -648,5 +697,191 @@ fn validate_guest(
         stop_timeout_ms,
         ephemeral: g.ephemeral.unwrap_or(false),
         read_only: g.read_only.unwrap_or(false),
+        memory: match &vm {
+            Some(v) => Some(v.memory_mib << 20),
+            None => g.memory.map(|m| m.0),
+        },
+        vm,
+    })
+}
+
+/// VM-only fields given on a container: say so instead of ignoring them.
+fn reject_vm_fields(cx: &mut Ctx<'_>, name: &str, g: &GuestSpec) {
+    for (field, set) in [
+        ("machine", g.machine.is_some()),
+        ("accel", g.accel.is_some()),
+        ("kernel", g.kernel.is_some()),
+        ("initrd", g.initrd.is_some()),
+        ("cmdline", g.cmdline.is_some()),
+        ("ip_cmdline", g.ip_cmdline.is_some()),
+        ("disks", !g.disks.is_empty()),
+        ("cdrom", g.cdrom.is_some()),
+        ("firmware", g.firmware.is_some()),
+        ("cpu_pinning", g.cpu_pinning.is_some()),
+        ("emulator_cpus", g.emulator_cpus.is_some()),
+        ("exclusive", g.exclusive.is_some()),
+        ("hugepages", g.hugepages.is_some()),
+    ] {
+        if set {
+            cx.guest(name, field, format!("`{field}` applies to VMs (kind = \"vm\"), not containers"));
+        }
+    }
+}
+
+/// Default VM memory when the spec gives none.
+pub const DEFAULT_VM_MEMORY_MIB: u64 = 256;
+const MAX_VCPUS: f64 = 256.0;
+
+fn validate_vm(cx: &mut Ctx<'_>, name: &str, g: &GuestSpec, probe: &dyn HostProbe) -> Option<crate::vm::Vm> {
+    use crate::vm::{Disk, Firmware, Machine, find_ovmf, format_of};
+    let before = cx.errors.len();
+    let machine = g.machine.unwrap_or_default();
+    let file_field = |cx: &mut Ctx<'_>, field: &str, p: &Path| {
+        if !p.is_absolute() {
+            cx.guest(name, field, format!("{field} {} must be an absolute path", p.display()));
+        } else if !probe.exists(p) {
+            cx.guest(name, field, format!("{field} {} does not exist", p.display()));
+        } else if probe.is_dir(p) {
+            cx.guest(name, field, format!("{field} {} is a directory, not a file", p.display()));
+        }
+    };
+    if let Some(k) = &g.kernel {
+        file_field(cx, "kernel", k);
+    }
+    if let Some(i) = &g.initrd {
+        file_field(cx, "initrd", i);
+        if g.kernel.is_none() {
+            cx.guest(name, "initrd", "an initrd needs a `kernel` to go with it");
+        }
+    }
+    if let Some(c) = &g.cdrom {
+        file_field(cx, "cdrom", c);
+    }
+    if g.cmdline.as_deref().is_some_and(|c| c.contains('\0')) {
+        cx.guest(name, "cmdline", "the kernel command line must not contain NUL");
+    }
+    if g.cmdline.is_some() && g.kernel.is_none() {
+        cx.guest(name, "cmdline", "a kernel command line needs a `kernel` (disk-booted guests configure their own)");
+    }
+    let mut disks = Vec::new();
+    for d in &g.disks {
+        if !d.path.is_absolute() {
+            cx.guest(name, "disks", format!("disk {} must be an absolute path", d.path.display()));
+            continue;
+        }
+        if !probe.exists(&d.path) && d.size.is_none() {
+            cx.guest(
+                name,
+                "disks",
+                format!("disk {} does not exist; give it a `size` to have berth create it (sparse)", d.path.display()),
+            );
+        }
+        if probe.is_dir(&d.path) {
+            cx.guest(name, "disks", format!("disk {} is a directory", d.path.display()));
+        }
+        if let Some(s) = d.size.filter(|s| s.0 < (1 << 20)) {
+            cx.guest(name, "disks", format!("disk size {s} is too small; use at least 1M"));
+        }
+        disks.push(Disk {
+            path: d.path.clone(),
+            size: d.size.map(|s| s.0),
+            format: d.format.unwrap_or_else(|| format_of(&d.path)),
+            readonly: d.readonly.unwrap_or(false),
+        });
+    }
+    match machine {
+        Machine::Microvm if g.kernel.is_none() => {
+            cx.guest(name, "kernel", "a microvm boots a kernel directly: give `kernel` (and usually `initrd`), or use machine = \"q35\" to boot from disks");
+        }
+        Machine::Microvm if g.cdrom.is_some() || g.firmware.is_some() => {
+            cx.guest(name, "machine", "`cdrom` and `firmware` need machine = \"q35\"");
+        }
+        Machine::Q35 if g.kernel.is_none() && g.disks.is_empty() && g.cdrom.is_none() => {
+            cx.guest(name, "disks", "a q35 VM needs something to boot: `disks`, `cdrom` or `kernel`");
+        }
+        _ => {}
+    }
+    let firmware = g.firmware.unwrap_or_default();
+    if firmware == Firmware::Uefi && find_ovmf(probe).is_none() {
+        cx.guest(name, "firmware", format!("firmware = \"uefi\" needs OVMF, which is not installed (looked for {}; apt-get install ovmf)", crate::vm::OVMF_PATHS.join(", ")));
+    }
+
+    let vcpus = match g.cpus {
+        None => 1,
+        Some(c) if c.fract() == 0.0 && (1.0..=MAX_VCPUS).contains(&c) => c as u32,
+        Some(c) => {
+            cx.guest(name, "cpus", format!("a VM has a whole number of vCPUs, 1..=256; got {c}"));
+            1
+        }
+    };
+    let memory_mib = match g.memory {
+        None => DEFAULT_VM_MEMORY_MIB,
+        Some(m) if m.0 < (16 << 20) => {
+            cx.guest(name, "memory", format!("memory {m} is too small for a VM; use at least 16M"));
+            16
+        }
+        Some(m) if m.0 % (1 << 20) != 0 => {
+            cx.guest(name, "memory", format!("VM memory {m} must be a whole number of MiB"));
+            m.0 >> 20
+        }
+        Some(m) => m.0 >> 20,
+    };
+    let hugepages = g.hugepages.unwrap_or(false);
+    if hugepages && memory_mib % 2 != 0 {
+        cx.guest(name, "memory", "with hugepages, memory must be a multiple of 2M");
+    }
+
+    let host_cpus = probe.host_cpus();
+    let mut cpu_list = |field: &str, list: &Option<Vec<usize>>| -> Vec<usize> {
+        let Some(list) = list else { return Vec::new() };
+        if list.is_empty() {
+            cx.guest(name, field, format!("`{field}` is empty; list host CPU numbers, e.g. [2, 3]"));
+        }
+        if let Some(h) = &host_cpus {
+            let missing: Vec<String> = list.iter().filter(|c| !h.contains(c)).map(|c| c.to_string()).collect();
+            if !missing.is_empty() {
+                cx.guest(
+                    name,
+                    field,
+                    format!(
+                        "CPU {} does not exist on this host (online CPUs: {})",
+                        missing.join(", "),
+                        h.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+        }
+        list.clone()
+    };
+    let cpu_pinning = cpu_list("cpu_pinning", &g.cpu_pinning);
+    let emulator_cpus = cpu_list("emulator_cpus", &g.emulator_cpus);
+    if g.exclusive == Some(true) && cpu_pinning.is_empty() {
+        cx.guest(name, "exclusive", "`exclusive` needs `cpu_pinning`");
+    }
+
+    let accel = g.accel.unwrap_or_default();
+    // The probe answers None when BERTH_ACCEL overrides the spec.
+    if accel == crate::vm::AccelChoice::Kvm
+        && let Some(Err(why)) = probe.kvm()
+    {
+        cx.guest(name, "accel", format!("accel = \"kvm\" but KVM is not usable here: {why}; use accel = \"auto\" or \"tcg\""));
+    }
+
+    (cx.errors.len() == before).then(|| crate::vm::Vm {
+        machine,
+        accel,
+        kernel: g.kernel.clone(),
+        initrd: g.initrd.clone(),
+        cmdline: g.cmdline.clone().unwrap_or_default(),
+        ip_cmdline: g.ip_cmdline.unwrap_or(true),
+        disks,
+        cdrom: g.cdrom.clone(),
+        firmware,
+        vcpus,
+        memory_mib,
+        cpu_pinning,
+        emulator_cpus,
+        exclusive: g.exclusive.unwrap_or(false),
+        hugepages,
     })
 }
