@@ -492,29 +492,103 @@ fn diff_guest(old: &Guest, new: &Guest) -> Vec<Diff> {
 /// VM fields: what QEMU was started with needs a restart; pinning is
 /// applied to the running threads (live).
 fn diff_vm(d: &mut Vec<Diff>, a: &berth_spec::vm::Vm, b: &berth_spec::vm::Vm) {
-    let path = |p: &Option<std::path::PathBuf>| opt(p.as_ref(), "none", |p| p.display().to_string());
-    let list = |l: &[usize]| if l.is_empty() { "none".to_string() } else { format!("{l:?}") };
+    let path =
+        |p: &Option<std::path::PathBuf>| opt(p.as_ref(), "none", |p| p.display().to_string());
+    let list = |l: &[usize]| {
+        if l.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{l:?}")
+        }
+    };
     let dbg = |x: &dyn std::fmt::Debug| format!("{x:?}").to_lowercase();
-    diff(d, "machine", dbg(&a.machine), dbg(&b.machine), Impact::Restart);
+    diff(
+        d,
+        "machine",
+        dbg(&a.machine),
+        dbg(&b.machine),
+        Impact::Restart,
+    );
     diff(d, "accel", dbg(&a.accel), dbg(&b.accel), Impact::Restart);
-    diff(d, "kernel", path(&a.kernel), path(&b.kernel), Impact::Restart);
-    diff(d, "initrd", path(&a.initrd), path(&b.initrd), Impact::Restart);
-    diff(d, "cmdline", format!("{:?}", a.cmdline), format!("{:?}", b.cmdline), Impact::Restart);
-    diff(d, "ip_cmdline", a.ip_cmdline.to_string(), b.ip_cmdline.to_string(), Impact::Restart);
+    diff(
+        d,
+        "kernel",
+        path(&a.kernel),
+        path(&b.kernel),
+        Impact::Restart,
+    );
+    diff(
+        d,
+        "initrd",
+        path(&a.initrd),
+        path(&b.initrd),
+        Impact::Restart,
+    );
+    diff(
+        d,
+        "cmdline",
+        format!("{:?}", a.cmdline),
+        format!("{:?}", b.cmdline),
+        Impact::Restart,
+    );
+    diff(
+        d,
+        "ip_cmdline",
+        a.ip_cmdline.to_string(),
+        b.ip_cmdline.to_string(),
+        Impact::Restart,
+    );
     let disks = |v: &berth_spec::vm::Vm| {
         v.disks
             .iter()
-            .map(|k| format!("{}({}{})", k.path.display(), k.format, if k.readonly { ",ro" } else { "" }))
+            .map(|k| {
+                format!(
+                    "{}({}{})",
+                    k.path.display(),
+                    k.format,
+                    if k.readonly { ",ro" } else { "" }
+                )
+            })
             .collect::<Vec<_>>()
             .join(" ")
     };
     diff(d, "disks", disks(a), disks(b), Impact::Restart);
     diff(d, "cdrom", path(&a.cdrom), path(&b.cdrom), Impact::Restart);
-    diff(d, "firmware", dbg(&a.firmware), dbg(&b.firmware), Impact::Restart);
-    diff(d, "hugepages", a.hugepages.to_string(), b.hugepages.to_string(), Impact::Restart);
-    diff(d, "cpu_pinning", list(&a.cpu_pinning), list(&b.cpu_pinning), Impact::Live);
-    diff(d, "emulator_cpus", list(&a.emulator_cpus), list(&b.emulator_cpus), Impact::Live);
-    diff(d, "exclusive", a.exclusive.to_string(), b.exclusive.to_string(), Impact::Live);
+    diff(
+        d,
+        "firmware",
+        dbg(&a.firmware),
+        dbg(&b.firmware),
+        Impact::Restart,
+    );
+    diff(
+        d,
+        "hugepages",
+        a.hugepages.to_string(),
+        b.hugepages.to_string(),
+        Impact::Restart,
+    );
+    diff(
+        d,
+        "cpu_pinning",
+        list(&a.cpu_pinning),
+        list(&b.cpu_pinning),
+        Impact::Live,
+    );
+    diff(
+        d,
+        "emulator_cpus",
+        list(&a.emulator_cpus),
+        list(&b.emulator_cpus),
+        Impact::Live,
+    );
+    diff(
+        d,
+        "exclusive",
+        a.exclusive.to_string(),
+        b.exclusive.to_string(),
+        Impact::Live,
+    );
 }
 
 fn phrase(d: &Diff) -> String {

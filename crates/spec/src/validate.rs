@@ -236,15 +236,22 @@ pub fn validate(
     }
 
     // Exclusive pinning: no two pinned VMs share a CPU if either asks for it.
-    let pinned: Vec<(&String, &crate::vm::Vm)> =
-        guests.iter().filter_map(|(n, g)| g.vm.as_ref().map(|v| (n, v))).filter(|(_, v)| !v.cpu_pinning.is_empty()).collect();
+    let pinned: Vec<(&String, &crate::vm::Vm)> = guests
+        .iter()
+        .filter_map(|(n, g)| g.vm.as_ref().map(|v| (n, v)))
+        .filter(|(_, v)| !v.cpu_pinning.is_empty())
+        .collect();
     for (i, (a, va)) in pinned.iter().enumerate() {
         for (b, vb) in &pinned[i + 1..] {
             if !(va.exclusive || vb.exclusive) {
                 continue;
             }
-            let shared: Vec<String> =
-                va.cpu_pinning.iter().filter(|c| vb.cpu_pinning.contains(c)).map(|c| c.to_string()).collect();
+            let shared: Vec<String> = va
+                .cpu_pinning
+                .iter()
+                .filter(|c| vb.cpu_pinning.contains(c))
+                .map(|c| c.to_string())
+                .collect();
             if !shared.is_empty() {
                 cx.errors.push(SpecError::Invalid {
                     file: file.to_path_buf(),
@@ -723,7 +730,11 @@ fn reject_vm_fields(cx: &mut Ctx<'_>, name: &str, g: &GuestSpec) {
         ("hugepages", g.hugepages.is_some()),
     ] {
         if set {
-            cx.guest(name, field, format!("`{field}` applies to VMs (kind = \"vm\"), not containers"));
+            cx.guest(
+                name,
+                field,
+                format!("`{field}` applies to VMs (kind = \"vm\"), not containers"),
+            );
         }
     }
 }
@@ -732,17 +743,34 @@ fn reject_vm_fields(cx: &mut Ctx<'_>, name: &str, g: &GuestSpec) {
 pub const DEFAULT_VM_MEMORY_MIB: u64 = 256;
 const MAX_VCPUS: f64 = 256.0;
 
-fn validate_vm(cx: &mut Ctx<'_>, name: &str, g: &GuestSpec, probe: &dyn HostProbe) -> Option<crate::vm::Vm> {
+fn validate_vm(
+    cx: &mut Ctx<'_>,
+    name: &str,
+    g: &GuestSpec,
+    probe: &dyn HostProbe,
+) -> Option<crate::vm::Vm> {
     use crate::vm::{Disk, Firmware, Machine, find_ovmf, format_of};
     let before = cx.errors.len();
     let machine = g.machine.unwrap_or_default();
     let file_field = |cx: &mut Ctx<'_>, field: &str, p: &Path| {
         if !p.is_absolute() {
-            cx.guest(name, field, format!("{field} {} must be an absolute path", p.display()));
+            cx.guest(
+                name,
+                field,
+                format!("{field} {} must be an absolute path", p.display()),
+            );
         } else if !probe.exists(p) {
-            cx.guest(name, field, format!("{field} {} does not exist", p.display()));
+            cx.guest(
+                name,
+                field,
+                format!("{field} {} does not exist", p.display()),
+            );
         } else if probe.is_dir(p) {
-            cx.guest(name, field, format!("{field} {} is a directory, not a file", p.display()));
+            cx.guest(
+                name,
+                field,
+                format!("{field} {} is a directory, not a file", p.display()),
+            );
         }
     };
     if let Some(k) = &g.kernel {
@@ -758,29 +786,52 @@ fn validate_vm(cx: &mut Ctx<'_>, name: &str, g: &GuestSpec, probe: &dyn HostProb
         file_field(cx, "cdrom", c);
     }
     if g.cmdline.as_deref().is_some_and(|c| c.contains('\0')) {
-        cx.guest(name, "cmdline", "the kernel command line must not contain NUL");
+        cx.guest(
+            name,
+            "cmdline",
+            "the kernel command line must not contain NUL",
+        );
     }
     if g.cmdline.is_some() && g.kernel.is_none() {
-        cx.guest(name, "cmdline", "a kernel command line needs a `kernel` (disk-booted guests configure their own)");
+        cx.guest(
+            name,
+            "cmdline",
+            "a kernel command line needs a `kernel` (disk-booted guests configure their own)",
+        );
     }
     let mut disks = Vec::new();
     for d in &g.disks {
         if !d.path.is_absolute() {
-            cx.guest(name, "disks", format!("disk {} must be an absolute path", d.path.display()));
+            cx.guest(
+                name,
+                "disks",
+                format!("disk {} must be an absolute path", d.path.display()),
+            );
             continue;
         }
         if !probe.exists(&d.path) && d.size.is_none() {
             cx.guest(
                 name,
                 "disks",
-                format!("disk {} does not exist; give it a `size` to have berth create it (sparse)", d.path.display()),
+                format!(
+                    "disk {} does not exist; give it a `size` to have berth create it (sparse)",
+                    d.path.display()
+                ),
             );
         }
         if probe.is_dir(&d.path) {
-            cx.guest(name, "disks", format!("disk {} is a directory", d.path.display()));
+            cx.guest(
+                name,
+                "disks",
+                format!("disk {} is a directory", d.path.display()),
+            );
         }
         if let Some(s) = d.size.filter(|s| s.0 < (1 << 20)) {
-            cx.guest(name, "disks", format!("disk size {s} is too small; use at least 1M"));
+            cx.guest(
+                name,
+                "disks",
+                format!("disk size {s} is too small; use at least 1M"),
+            );
         }
         disks.push(Disk {
             path: d.path.clone(),
@@ -794,10 +845,18 @@ fn validate_vm(cx: &mut Ctx<'_>, name: &str, g: &GuestSpec, probe: &dyn HostProb
             cx.guest(name, "kernel", "a microvm boots a kernel directly: give `kernel` (and usually `initrd`), or use machine = \"q35\" to boot from disks");
         }
         Machine::Microvm if g.cdrom.is_some() || g.firmware.is_some() => {
-            cx.guest(name, "machine", "`cdrom` and `firmware` need machine = \"q35\"");
+            cx.guest(
+                name,
+                "machine",
+                "`cdrom` and `firmware` need machine = \"q35\"",
+            );
         }
         Machine::Q35 if g.kernel.is_none() && g.disks.is_empty() && g.cdrom.is_none() => {
-            cx.guest(name, "disks", "a q35 VM needs something to boot: `disks`, `cdrom` or `kernel`");
+            cx.guest(
+                name,
+                "disks",
+                "a q35 VM needs something to boot: `disks`, `cdrom` or `kernel`",
+            );
         }
         _ => {}
     }
@@ -810,35 +869,59 @@ fn validate_vm(cx: &mut Ctx<'_>, name: &str, g: &GuestSpec, probe: &dyn HostProb
         None => 1,
         Some(c) if c.fract() == 0.0 && (1.0..=MAX_VCPUS).contains(&c) => c as u32,
         Some(c) => {
-            cx.guest(name, "cpus", format!("a VM has a whole number of vCPUs, 1..=256; got {c}"));
+            cx.guest(
+                name,
+                "cpus",
+                format!("a VM has a whole number of vCPUs, 1..=256; got {c}"),
+            );
             1
         }
     };
     let memory_mib = match g.memory {
         None => DEFAULT_VM_MEMORY_MIB,
         Some(m) if m.0 < (16 << 20) => {
-            cx.guest(name, "memory", format!("memory {m} is too small for a VM; use at least 16M"));
+            cx.guest(
+                name,
+                "memory",
+                format!("memory {m} is too small for a VM; use at least 16M"),
+            );
             16
         }
         Some(m) if m.0 % (1 << 20) != 0 => {
-            cx.guest(name, "memory", format!("VM memory {m} must be a whole number of MiB"));
+            cx.guest(
+                name,
+                "memory",
+                format!("VM memory {m} must be a whole number of MiB"),
+            );
             m.0 >> 20
         }
         Some(m) => m.0 >> 20,
     };
     let hugepages = g.hugepages.unwrap_or(false);
     if hugepages && memory_mib % 2 != 0 {
-        cx.guest(name, "memory", "with hugepages, memory must be a multiple of 2M");
+        cx.guest(
+            name,
+            "memory",
+            "with hugepages, memory must be a multiple of 2M",
+        );
     }
 
     let host_cpus = probe.host_cpus();
     let mut cpu_list = |field: &str, list: &Option<Vec<usize>>| -> Vec<usize> {
         let Some(list) = list else { return Vec::new() };
         if list.is_empty() {
-            cx.guest(name, field, format!("`{field}` is empty; list host CPU numbers, e.g. [2, 3]"));
+            cx.guest(
+                name,
+                field,
+                format!("`{field}` is empty; list host CPU numbers, e.g. [2, 3]"),
+            );
         }
         if let Some(h) = &host_cpus {
-            let missing: Vec<String> = list.iter().filter(|c| !h.contains(c)).map(|c| c.to_string()).collect();
+            let missing: Vec<String> = list
+                .iter()
+                .filter(|c| !h.contains(c))
+                .map(|c| c.to_string())
+                .collect();
             if !missing.is_empty() {
                 cx.guest(
                     name,
@@ -846,7 +929,10 @@ fn validate_vm(cx: &mut Ctx<'_>, name: &str, g: &GuestSpec, probe: &dyn HostProb
                     format!(
                         "CPU {} does not exist on this host (online CPUs: {})",
                         missing.join(", "),
-                        h.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ")
+                        h.iter()
+                            .map(|c| c.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 );
             }
@@ -864,7 +950,13 @@ fn validate_vm(cx: &mut Ctx<'_>, name: &str, g: &GuestSpec, probe: &dyn HostProb
     if accel == crate::vm::AccelChoice::Kvm
         && let Some(Err(why)) = probe.kvm()
     {
-        cx.guest(name, "accel", format!("accel = \"kvm\" but KVM is not usable here: {why}; use accel = \"auto\" or \"tcg\""));
+        cx.guest(
+            name,
+            "accel",
+            format!(
+                "accel = \"kvm\" but KVM is not usable here: {why}; use accel = \"auto\" or \"tcg\""
+            ),
+        );
     }
 
     (cx.errors.len() == before).then(|| crate::vm::Vm {

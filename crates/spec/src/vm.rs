@@ -119,7 +119,11 @@ pub const OVMF_PATHS: &[&str] = &[
 
 /// The OVMF image found by `probe`, if any.
 pub fn find_ovmf(probe: &dyn HostProbe) -> Option<PathBuf> {
-    OVMF_PATHS.iter().map(Path::new).find(|p| probe.exists(p)).map(Path::to_path_buf)
+    OVMF_PATHS
+        .iter()
+        .map(Path::new)
+        .find(|p| probe.exists(p))
+        .map(Path::to_path_buf)
 }
 
 /// Default format from the file name.

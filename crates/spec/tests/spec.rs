@@ -485,11 +485,91 @@ fn index_clash_is_one_error_naming_both() {
     );
 }
 
+/// db1 turned into a valid microvm (Fake knows /file as an existing file).
+fn make_vm(s: &mut Spec) {
+    let g = db1(s);
+    g.kind = GuestKind::Vm;
+    g.rootfs = None;
+    g.kernel = Some("/file".into());
+}
+
 #[test]
-fn vm_kind_not_supported_yet() {
+fn vm_guest_validates_with_defaults() {
+    let mut s = spec(BASE);
+    make_vm(&mut s);
+    let d = validate(&s, Path::new(FILE), &Fake::new()).expect("valid vm");
+    let g = &d.guests["db1"];
+    let vm = g.vm.as_ref().expect("vm part");
+    assert_eq!((vm.vcpus, vm.memory_mib), (1, 256));
+    assert_eq!(g.memory, Some(256 << 20));
+    assert!(vm.ip_cmdline);
+    assert_eq!(vm.machine, berth_spec::vm::Machine::Microvm);
+}
+
+#[test]
+fn vm_rules() {
     assert_one_error(
-        |s| db1(s).kind = GuestKind::Vm,
-        &["guest `db1`: field `kind`: kind \"vm\" is not supported by this build yet"],
+        |s| {
+            make_vm(s);
+            db1(s).kernel = None;
+        },
+        &["field `kernel`: a microvm boots a kernel directly"],
+    );
+    assert_one_error(
+        |s| {
+            make_vm(s);
+            db1(s).kernel = Some("/nope/vmlinuz".into());
+        },
+        &["kernel /nope/vmlinuz does not exist"],
+    );
+    assert_one_error(
+        |s| {
+            make_vm(s);
+            db1(s).disks = vec![berth_spec::vm::DiskSpec {
+                path: "/nope.img".into(),
+                size: None,
+                format: None,
+                readonly: None,
+            }];
+        },
+        &["disk /nope.img does not exist; give it a `size`"],
+    );
+    assert_one_error(
+        |s| {
+            make_vm(s);
+            db1(s).cpus = Some(1.5);
+        },
+        &["whole number of vCPUs"],
+    );
+    assert_one_error(
+        |s| {
+            make_vm(s);
+            db1(s).command = Some(vec!["/bin/sh".into()]);
+        },
+        &["`command` applies to containers"],
+    );
+    assert_one_error(
+        |s| db1(s).kernel = Some("/file".into()),
+        &["`kernel` applies to VMs"],
+    );
+}
+
+#[test]
+fn vm_exclusive_pinning_clash_names_both() {
+    let mut s = spec(BASE);
+    make_vm(&mut s);
+    db1(&mut s).cpu_pinning = Some(vec![0, 1]);
+    db1(&mut s).exclusive = Some(true);
+    let mut other = s.guest["db1"].clone();
+    other.index = 3;
+    other.exclusive = None;
+    other.cpu_pinning = Some(vec![1]);
+    s.guest.insert("r2".into(), other);
+    let errs = errors_of(&s);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].contains("CPU 1 is pinned by both `db1` and `r2`"),
+        "{errs:?}"
     );
 }
 
