@@ -8,6 +8,7 @@
 
 mod fixture;
 mod net;
+mod vm_fixture;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use fixture::{busybox_rootfs, copy_busybox_rootfs, fixture_dir, try_busybox_rootfs};
 pub use net::{INTERNET_BODY, TestNet, in_netns, netns_pids};
+pub use vm_fixture::{VmFixture, host_tsc_khz, vm_fixture};
 
 /// Errors from testkit helpers.
 #[derive(Debug, thiserror::Error)]
