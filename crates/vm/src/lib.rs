@@ -44,7 +44,9 @@ pub use argv::{
 pub use disk::ensure_disk;
 pub use error::{Result, VmError};
 pub use hugepages::{HUGEPAGE_MIB, check_hugepages, hugepages_needed};
-pub use pin::{PinRole, Pinned, format_cpu_list, host_cpus, parse_cpu_list, pin, thread_affinity};
+pub use pin::{
+    PinRole, Pinned, format_cpu_list, host_cpus, parse_cpu_list, pin, pin_threads, thread_affinity,
+};
 pub use qmp::Qmp;
 pub use tap::open_tap;
 pub use user::{QEMU_USER, ensure_qemu_user};

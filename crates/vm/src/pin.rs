@@ -72,7 +72,7 @@ pub fn format_cpu_list(cpus: &[usize]) -> String {
 }
 
 /// The CPUs thread (or process) `tid` may run on, from the
-/// `Cpus_allowed_list` line of /proc/<tid>/status.
+/// `Cpus_allowed_list` line of `/proc/<tid>/status`.
 pub fn thread_affinity(tid: i32) -> Result<Vec<usize>> {
     let path = PathBuf::from(format!("/proc/{tid}/status"));
     let text = std::fs::read_to_string(&path).map_err(|source| VmError::ReadFile {
@@ -204,9 +204,14 @@ pub(crate) fn plan_pinning(
 /// [`crate::Qmp::vcpu_threads`] to `cpus[i % cpus.len()]`, every other
 /// thread to `emulator` (if empty: the online CPUs not in `cpus`, or all of
 /// them if that leaves none). Threads QEMU starts later inherit the
-/// affinity of the thread that creates them, i.e. the emulator set. Returns
-/// what was done.
-pub fn pin(
+/// affinity of the thread that creates them, i.e. the emulator set. See
+/// [`pin_threads`] for the same with a report of what was done.
+pub fn pin(qemu_pid: i32, vcpus: &[(u32, i32)], cpus: &[usize], emulator: &[usize]) -> Result<()> {
+    pin_threads(qemu_pid, vcpus, cpus, emulator).map(drop)
+}
+
+/// [`pin`], returning every thread pinned, its role and its CPUs.
+pub fn pin_threads(
     qemu_pid: i32,
     vcpus: &[(u32, i32)],
     cpus: &[usize],
