@@ -162,10 +162,8 @@ fn esc_path(p: &Path) -> String {
 /// - `-nodefaults -no-user-config -display none`, and no `-nographic`
 ///   (which would put a monitor on stdio if defaults were on): the QMP
 ///   socket is the only monitor.
-/// - `-no-reboot`: a guest reboot makes QEMU exit after a `SHUTDOWN` event
-///   with reason `guest-reset`, so the supervisor sees every reboot and
-///   restarts QEMU itself (with the current config). Note that QMP
-///   `system_reset` also ends QEMU under this flag.
+/// - no `-no-reboot`: a guest reboot resets the VM inside the same QEMU
+///   process (tap, QMP and pinned threads survive it).
 /// - `-name NAME,debug-threads=on`: vCPU threads are called `CPU n/TCG` or
 ///   `CPU n/KVM` in `ps -T`.
 /// - q35 boot order is set with `bootindex` on the devices (CD-ROM first,
@@ -186,7 +184,6 @@ pub fn qemu_argv(c: &VmConfig) -> Vec<String> {
         "-no-user-config",
         "-display",
         "none",
-        "-no-reboot",
     ]);
 
     let mem_backend = if c.hugepages {
@@ -419,7 +416,8 @@ mod tests {
         assert_eq!(one(&a, "-sandbox"), "on,obsolete=deny,spawn=deny");
         assert!(!one(&a, "-sandbox").contains("elevateprivileges"));
         assert_eq!(one(&a, "-runas"), "berth-qemu");
-        for f in ["-nodefaults", "-no-user-config", "-no-reboot"] {
+        assert!(!a.iter().any(|s| s == "-no-reboot"), "reboots stay inside QEMU");
+        for f in ["-nodefaults", "-no-user-config"] {
             assert!(a.iter().any(|s| s == f), "{f} missing");
         }
         assert_eq!(one(&a, "-display"), "none");

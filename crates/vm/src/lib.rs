@@ -18,14 +18,15 @@
 //! ```text
 //!   spawn(qemu_argv) --> Qmp::connect --> running
 //!                                           |  guest powers off   -> SHUTDOWN{guest:true,  reason:"guest-shutdown"} -> exit
-//!                                           |  guest reboots      -> SHUTDOWN{guest:true,  reason:"guest-reset"}    -> exit (-no-reboot)
+//!                                           |  guest reboots      -> RESET, the VM restarts inside the same QEMU
 //!                                           |  system_powerdown   -> POWERDOWN, guest shuts down                   -> exit
 //!                                           |  quit               -> SHUTDOWN{guest:false, reason:"host-qmp-quit"}  -> exit
 //! ```
 //!
-//! QEMU always exits when the guest resets (`-no-reboot`): a reboot is then
-//! visible to the supervisor (which restarts QEMU with the current config)
-//! instead of happening silently inside one QEMU process.
+//! A guest reboot happens inside QEMU (no `-no-reboot`): the process, its
+//! tap, its QMP connection and its pinned threads survive it, and a guest
+//! that panics with `panic=-1` comes back by itself. QEMU exiting is a
+//! power-off, a quit or a crash; the supervisor's restart policy decides.
 
 mod accel;
 mod argv;
