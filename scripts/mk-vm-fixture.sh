@@ -24,6 +24,8 @@
 #   ip=<client>::<gw>:<netmask>:<hostname>:<device>:off   (device default eth0)
 #   berth.ip6=<addr>  berth.gw6=<addr>   IPv6 /128 + default route via gw6
 #   berth.vip4=<addr>[,<addr>...]        extra /32 addresses on lo
+#   berth.fetch=<url>                    (tests) fetch url via NAT -> /fetched.html,
+#                                        then with a forged source -> /spoof.html
 #   berth.root=/dev/vda [berth.rootfstype=ext4] [ro]
 #                                        switch to that disk (which carries
 #                                        the same init) before the rest
@@ -271,7 +273,7 @@ export PATH
 exec </dev/console >/dev/console 2>&1
 say() { echo "berth-fixture: $*"; }
 set -f
-ipconf= ip6= gw6= vip4= rootdev= rootfstype= rootflags=rw
+ipconf= ip6= gw6= vip4= rootdev= rootfstype= rootflags=rw fetch=
 for a in $(cat /proc/cmdline); do
     case $a in
         ip=*) ipconf=${a#ip=} ;;
@@ -279,6 +281,7 @@ for a in $(cat /proc/cmdline); do
         berth.gw6=*) gw6=${a#*=} ;;
         berth.vip4=*) vip4="$vip4 $(echo "${a#*=}" | tr , ' ')" ;;
         berth.root=*) rootdev=${a#*=} ;;
+        berth.fetch=*) fetch=${a#*=} ;;
         berth.rootfstype=*) rootfstype=${a#*=} ;;
         ro) rootflags=ro ;;
     esac
@@ -360,6 +363,34 @@ done
 hostname "$hostname"
 echo "berth-vm-fixture $hostname" >/www/index.html
 httpd -p 80 -h /www && say "ready httpd :80 host $hostname"
+
+# berth.fetch=URL (tests): fetch URL through the host's NAT and serve the
+# result as /fetched.html; then try the same with a forged source address
+# (an extra address plus a host route that uses it as source) and serve
+# "blocked" or "got-through" as /spoof.html.
+if [ -n "$fetch" ] && [ -n "$client" ]; then
+    (
+        i=0
+        until wget -q -O /www/fetched.html "$fetch"; do
+            i=$((i + 1))
+            [ $i -ge 30 ] && { echo "fetch failed" >/www/fetched.html; break; }
+            sleep 0.5
+        done
+        say "fetched $fetch"
+        forged=${client%.*}.250
+        target=$(echo "$fetch" | sed -e 's|^[a-z]*://||' -e 's|[:/].*||')
+        ip addr add "$forged/32" dev "$dev"
+        ip route add "$target/32" via "$gw" dev "$dev" onlink src "$forged"
+        if timeout 5 wget -q -O /tmp/spoof "$fetch"; then
+            echo got-through >/www/spoof.html
+        else
+            echo blocked >/www/spoof.html
+        fi
+        ip route del "$target/32"
+        ip addr del "$forged/32" dev "$dev"
+        say "spoof test: $(cat /www/spoof.html)"
+    ) &
+fi
 
 while true; do
     setsid cttyhack sh

@@ -56,6 +56,9 @@ pub struct GuestInfo {
     pub last_exit: Option<String>,
     /// Last error or warnings from the supervisor.
     pub message: Option<String>,
+    /// VMs: the accelerator QEMU got, `kvm` or `tcg`.
+    #[serde(default)]
+    pub accel: Option<String>,
 }
 
 /// Body of `POST /v1/plan` and `POST /v1/apply`.

@@ -144,21 +144,6 @@ fn print_json(v: &impl serde::Serialize) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Host facts for local validation (this process's network namespace).
-struct Probe;
-
-impl berth_spec::HostProbe for Probe {
-    fn is_dir(&self, p: &Path) -> bool {
-        p.is_dir()
-    }
-    fn exists(&self, p: &Path) -> bool {
-        p.symlink_metadata().is_ok()
-    }
-    fn interface_exists(&self, name: &str) -> Option<bool> {
-        Some(berth_net::interface_exists(name))
-    }
-}
-
 /// Loads and validates; on failure prints every error and returns None.
 fn load(
     file: &Path,
@@ -167,7 +152,7 @@ fn load(
         Ok(s) => s,
         Err(e) => return Ok(Err(vec![e.to_string()])),
     };
-    match berth_spec::validate(&spec, file, &Probe) {
+    match berth_spec::validate(&spec, file, &berth_daemon::LocalProbe) {
         Ok(d) => Ok(Ok((spec, d))),
         Err(errs) => Ok(Err(errs.iter().map(|e| e.to_string()).collect())),
     }
@@ -409,7 +394,10 @@ fn ps(client: &Client, json: bool) -> Result<ExitCode> {
         println!(
             "{:<16} {:<10} {:>5} {:<11} {:>8} {:>8}  {}",
             g.name,
-            g.kind,
+            match &g.accel {
+                Some(a) => format!("{}/{a}", g.kind),
+                None => g.kind.clone(),
+            },
             g.index,
             g.state,
             g.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),

@@ -160,6 +160,7 @@ impl Engine {
                 .as_ref()
                 .and_then(|s| s.last_exit.as_ref())
                 .map(|e| e.describe()),
+            accel: last.as_ref().and_then(|s| s.accel.clone()),
             message: last.and_then(|s| s.message),
         })
     }
@@ -303,6 +304,12 @@ impl Engine {
         self.step(plan_id, &g.name, "update", StepStatus::Started, "")?;
         self.put(g, rec.run, rec.phase, generation)?;
         self.write_config(g)?;
+        // A running shim applies what can change live (policy, pinning).
+        if let Err(e) = client::request(&self.paths(&g.name).socket(), &Request::Reload, Duration::from_secs(10))
+            && !matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused)
+        {
+            return Err(EngineError::guest(&g.name, format!("applying the change live: {e}")));
+        }
         self.step(plan_id, &g.name, "update", StepStatus::Done, "")?;
         Ok(())
     }
@@ -681,5 +688,15 @@ impl berth_spec::HostProbe for LocalProbe {
     }
     fn interface_exists(&self, name: &str) -> Option<bool> {
         Some(berth_net::interface_exists(name))
+    }
+    fn host_cpus(&self) -> Option<Vec<usize>> {
+        Some(berth_vm::host_cpus())
+    }
+    fn kvm(&self) -> Option<Result<(), String>> {
+        // BERTH_ACCEL overrides the spec's accel, so KVM need not work.
+        if std::env::var_os("BERTH_ACCEL").is_some() {
+            return None;
+        }
+        Some(berth_vm::kvm_usable())
     }
 }

@@ -9,6 +9,7 @@ pub mod client;
 pub mod paths;
 pub mod proto;
 pub mod supervisor;
+mod vmrun;
 
 pub use paths::GuestPaths;
 pub use proto::{ExitInfo, Request, ShimState, ShimStatus};

@@ -79,6 +79,9 @@ pub struct ShimStatus {
     pub started_at: Option<u64>,
     /// Human-readable detail: last error, warnings.
     pub message: Option<String>,
+    /// VMs: the accelerator QEMU got ("kvm" or "tcg").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,4 +93,6 @@ pub enum Request {
     WaitStarted,
     /// Stop the guest; the reply comes once it has stopped and the shim is exiting.
     Stop,
+    /// Reread config.json and apply what can change live.
+    Reload,
 }

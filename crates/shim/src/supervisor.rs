@@ -63,11 +63,35 @@ struct Shared {
     waiters: Mutex<Vec<UnixStream>>,
     paths: GuestPaths,
     stop_timeout: Duration,
+    /// The guest config in force (reloaded for live changes).
+    cfg: Mutex<Guest>,
+    /// A VM's QMP connection while QEMU runs.
+    qmp: Mutex<Option<berth_vm::Qmp>>,
 }
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, ShimStatus> {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn config(&self) -> Guest {
+        self.cfg.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Rereads config.json for live changes (restart policy, stop timeout,
+    /// VM pinning); fields that need a restart wait for one.
+    fn reload(&self) -> Result<(), String> {
+        let raw = std::fs::read(self.paths.config()).map_err(|e| e.to_string())?;
+        let new: Guest = serde_json::from_slice(&raw).map_err(|e| e.to_string())?;
+        let pid = self.lock().runner_pid;
+        if let (Some(vm), Some(pid)) = (&new.vm, pid)
+            && let Some(q) = self.qmp.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
+        {
+            crate::vmrun::repin(q, pid, vm)?;
+        }
+        log("config reloaded");
+        *self.cfg.lock().unwrap_or_else(|p| p.into_inner()) = new;
+        Ok(())
     }
 
     fn update(&self, f: impl FnOnce(&mut ShimStatus)) {
@@ -96,6 +120,28 @@ impl Shared {
             "stop requested; stopping guest (timeout {:?})",
             self.stop_timeout
         ));
+        let is_vm = self.config().kind == GuestKind::Vm;
+        if let (Some(pid), false, true) = (runner, starting, is_vm) {
+            // ACPI power button; after the timeout QMP quit, then SIGKILL.
+            if let Some(q) = self.qmp.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                let _ = q.system_powerdown();
+            }
+            let me = Arc::clone(self);
+            std::thread::spawn(move || {
+                std::thread::sleep(me.stop_timeout);
+                if process::alive(pid) && me.lock().runner_pid == Some(pid) {
+                    log("stop timeout reached; quitting QEMU");
+                    if let Some(q) = me.qmp.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                        let _ = q.quit();
+                    }
+                    std::thread::sleep(Duration::from_secs(3));
+                    if process::alive(pid) && me.lock().runner_pid == Some(pid) {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                }
+            });
+            return;
+        }
         if let (Some(pid), true) = (runner, starting) {
             // The command was not released yet: nothing to stop gracefully,
             // and nspawn may not forward signals this early. The cgroup
@@ -171,12 +217,15 @@ pub fn run(state_dir: &Path, guest: &str) -> Result<(), ShimError> {
             last_exit: None,
             started_at: None,
             message: None,
+            accel: None,
         }),
         changed: Condvar::new(),
         stop: AtomicBool::new(false),
         waiters: Mutex::new(Vec::new()),
         paths: paths.clone(),
         stop_timeout: Duration::from_millis(cfg.stop_timeout_ms),
+        cfg: Mutex::new(cfg.clone()),
+        qmp: Mutex::new(None),
     });
     shared.update(|_| {});
     log(&format!(
@@ -274,6 +323,16 @@ fn handle(conn: UnixStream, shared: &Arc<Shared>) {
             out.push('\n');
             let _ = conn.write_all(out.as_bytes());
         }
+        Ok(Request::Reload) => {
+            if let Err(e) = shared.reload() {
+                log(&format!("reload failed: {e}"));
+                shared.update(|s| s.message = Some(format!("reload failed: {e}")));
+            }
+            let s = shared.lock().clone();
+            let mut out = serde_json::to_string(&s).unwrap_or_default();
+            out.push('\n');
+            let _ = conn.write_all(out.as_bytes());
+        }
         Ok(Request::Status) => {
             let s = shared.lock().clone();
             let mut out = serde_json::to_string(&s).unwrap_or_default();
@@ -331,6 +390,8 @@ fn supervise(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) {
                 Err(msg)
             }
         };
+        *shared.qmp.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let _ = std::fs::remove_file(shared.paths.dir.join("qmp.sock"));
         cleanup(cfg);
         let stopping = shared.stop.load(Ordering::SeqCst);
         let failed = !matches!(&outcome, Ok(i) if i.success());
@@ -346,7 +407,7 @@ fn supervise(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) {
             shared.update(|s| s.state = ShimState::Stopped);
             return;
         }
-        let again = match cfg.restart {
+        let again = match shared.config().restart {
             RestartPolicy::Always => true,
             RestartPolicy::OnFailure => failed,
             RestartPolicy::Never => false,
@@ -384,11 +445,8 @@ fn supervise(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) {
 /// Starts the container and returns once its network is configured and its
 /// command released. The returned child is systemd-nspawn.
 fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, String> {
-    if cfg.kind != GuestKind::Container {
-        return Err(format!(
-            "guest kind {:?} is not supported by this shim",
-            cfg.kind
-        ));
+    if let Some(vm) = &cfg.vm {
+        return start_vm(cfg, vm, shared);
     }
     let paths = &shared.paths;
     let init =
@@ -485,14 +543,7 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
             "systemd-nspawn did not start the container".into(),
         ));
     };
-    let link = berth_net::GuestLink {
-        name: cfg.link.clone(),
-        guest4: cfg.addr4,
-        host4: cfg.host4,
-        guest6: cfg.addr6,
-        host6: cfg.host6,
-    };
-    if let Err(e) = berth_net::setup_container_link(&link, leader) {
+    if let Err(e) = berth_net::setup_container_link(&link_of(cfg), leader) {
         return Err(fail(&mut child, format!("network setup: {e}")));
     }
     if stopped(shared) {
@@ -514,6 +565,43 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
         s.message = (!warnings.is_empty()).then(|| warnings.join("; "));
     });
     Ok(child)
+}
+
+fn start_vm(cfg: &Guest, vm: &berth_spec::vm::Vm, shared: &Arc<Shared>) -> Result<Child, String> {
+    let paths = &shared.paths;
+    let console = open_console_log(&paths.console_log()).map_err(|e| format!("opening console log: {e}"))?;
+    let started = crate::vmrun::start(cfg, vm, paths, console)?;
+    let pid = started.child.id() as i32;
+    for w in &started.warnings {
+        log(&format!("warning: {w}"));
+    }
+    let accel = match started.accel {
+        berth_vm::Accel::Kvm => "kvm",
+        berth_vm::Accel::Tcg => "tcg",
+    };
+    log(&format!("VM running: qemu pid {pid}, accel {accel}, {}", cfg.addresses().join(" ")));
+    *shared.qmp.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.qmp);
+    shared.update(|s| {
+        s.runner_pid = Some(pid);
+        if s.state == ShimState::Starting {
+            s.state = ShimState::Running;
+        }
+        s.leader_pid = Some(pid);
+        s.accel = Some(accel.to_string());
+        s.started_at = Some(now());
+        s.message = (!started.warnings.is_empty()).then(|| started.warnings.join("; "));
+    });
+    Ok(started.child)
+}
+
+pub(crate) fn link_of(cfg: &Guest) -> berth_net::GuestLink {
+    berth_net::GuestLink {
+        name: cfg.link.clone(),
+        guest4: cfg.addr4,
+        host4: cfg.host4,
+        guest6: cfg.addr6,
+        host6: cfg.host6,
+    }
 }
 
 /// Removes what a run of the guest left on the host. Idempotent.

@@ -1,0 +1,166 @@
+//! VMs end to end under TCG: real QEMU microVMs (and a q35 disk boot) on the
+//! routed network, next to a container, inside namespaces this test creates.
+
+mod common;
+
+use std::time::Duration;
+
+use berth_testkit::{Cap, INTERNET_BODY, busybox_rootfs, require, unique_tag, vm_fixture, wait_until};
+use common::{Berth, container, lines_in_host, spec};
+
+const CAPS: &[Cap] = &[Cap::Root, Cap::Netns, Cap::Nspawn, Cap::Nft, Cap::Curl, Cap::Qemu];
+
+fn vm(name: &str, index: u32, fx: &berth_testkit::VmFixture, extra: &str) -> String {
+    format!(
+        "[guest.{name}]\nkind = \"vm\"\nindex = {index}\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 panic=-1 berth.fetch={{inet}}\"\nmemory = \"256M\"\nstop_timeout = \"2s\"\n{extra}\n",
+        fx.kernel.display(),
+        fx.initrd.display()
+    )
+}
+
+/// Waits (up to 3 minutes: TCG boots on a busy machine) until `url` answers.
+fn wait_http(b: &Berth, url: &str) -> String {
+    wait_until(Duration::from_secs(180), Duration::from_millis(500), || {
+        b.curl(url).ok().filter(|body| !body.contains("404 Not Found"))
+    })
+    .unwrap_or_else(|| panic!("{url} did not answer; daemon log:\n{}", b.daemon_log()))
+}
+
+fn qemu_pids(tag: &str) -> Vec<String> {
+    let out = std::process::Command::new("pgrep").args(["-f", &format!("qemu-system-x86_64 .*{tag}")]).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect()).unwrap_or_default()
+}
+
+#[test]
+fn vms_and_a_container_routed_supervised_destroyed() {
+    if !require("vms_and_a_container_routed_supervised_destroyed", CAPS) {
+        return;
+    }
+    let fx = vm_fixture().expect("VM fixture (kernel + initrd)");
+    let tag = unique_tag("vm");
+    let mut b = Berth::new(&tag);
+    let rootfs = busybox_rootfs();
+    let inet = b.net.internet_url();
+    let (va, vb, ct) = (format!("{tag}-a"), format!("{tag}-b"), format!("{tag}-c"));
+    let guests = |mem_a: &str| {
+        format!(
+            "{}{}{}",
+            vm(&va, 20, &fx, "").replace("memory = \"256M\"", &format!("memory = \"{mem_a}\"")),
+            vm(&vb, 21, &fx, "cpus = 1"),
+            container(&ct, 22, &rootfs, "")
+        )
+        .replace("{inet}", &inet)
+    };
+    let file = b.write("spec.toml", &spec(b.net.uplink(), 71, &guests("256M")));
+    let file = file.to_str().expect("utf8");
+    let out = b.cli_ok(&["apply", "--yes", file]);
+    assert!(out.contains("applied"), "{out}");
+
+    // Every guest answers from the host, VMs on IPv4 and IPv6.
+    for url in ["http://10.71.0.20/", "http://10.71.0.21/", "http://[fd42:47::14]/"] {
+        let body = wait_http(&b, url);
+        assert!(body.contains("berth-vm-fixture"), "{url}: {body}");
+    }
+    assert!(b.curl("http://10.71.0.22/").expect("container").contains("berth-fixture"));
+    let ps = b.ps();
+    let a = ps.iter().find(|g| g.name == va).expect("vm a in ps");
+    assert_eq!(a.kind, "vm");
+    assert_eq!(a.accel.as_deref(), Some("tcg"), "{a:?}");
+    assert_eq!(a.state, "running");
+
+    // The VM reached the "internet" through NAT at boot (the fixture fetched
+    // berth.fetch= and serves what it got), and its forged-source attempt
+    // was dropped.
+    let fetched = wait_http(&b, "http://10.71.0.20/fetched.html");
+    assert!(fetched.contains(INTERNET_BODY), "VM could not reach the internet: {fetched}");
+    let spoof = wait_http(&b, "http://10.71.0.20/spoof.html");
+    assert!(spoof.contains("blocked"), "a forged source got through: {spoof}");
+
+    // kill -9 the daemon: VMs keep answering; a new daemon re-adopts them.
+    let pid_a = a.pid.expect("qemu pid a");
+    let pid_b = b.guest(&vb).pid.expect("qemu pid b");
+    b.kill_daemon();
+    assert!(b.curl("http://10.71.0.21/").is_ok(), "VM died with the daemon");
+    b.start_daemon();
+    assert_eq!(b.guest(&va).pid, Some(pid_a));
+    assert_eq!(b.guest(&vb).pid, Some(pid_b));
+
+    // Memory of one VM: restart that one only.
+    let file2 = b.write("spec2.toml", &spec(b.net.uplink(), 71, &guests("192M")));
+    let file2 = file2.to_str().expect("utf8");
+    let plan: serde_json::Value = serde_json::from_str(&b.cli_ok(&["plan", "--json", file2])).expect("json");
+    let acts: Vec<&serde_json::Value> =
+        plan["plan"]["actions"].as_array().expect("actions").iter().filter(|a| !a["guest"].is_null()).collect();
+    assert_eq!(acts.len(), 1, "{plan}");
+    assert_eq!(acts[0]["guest"], va.as_str());
+    assert_eq!(acts[0]["impact"], "restart");
+    b.cli_ok(&["apply", "--yes", file2]);
+    assert_ne!(b.guest(&va).pid, Some(pid_a));
+    assert_eq!(b.guest(&vb).pid, Some(pid_b), "the other VM was restarted");
+    wait_http(&b, "http://10.71.0.20/");
+
+    // destroy --all: no tap, route, nft table, QEMU or QMP socket left.
+    b.cli_ok(&["destroy", "--all", "--yes"]);
+    let links = lines_in_host(&b.net, "ip", &["-o", "link", "show"]);
+    assert!(!links.contains("vb20") && !links.contains("vb21") && !links.contains("vb22"), "{links}");
+    let routes = lines_in_host(&b.net, "ip", &["route", "show"]);
+    assert!(!routes.contains("10.71.0."), "{routes}");
+    assert!(!lines_in_host(&b.net, "nft", &["list", "tables"]).contains("berth"));
+    let gone = wait_until(Duration::from_secs(10), Duration::from_millis(50), || qemu_pids(&tag).is_empty().then_some(()));
+    assert!(gone.is_some(), "QEMU left: {:?}", qemu_pids(&tag));
+    let socks = std::process::Command::new("find").args([b.state.to_str().unwrap_or("/nonexistent"), "-name", "*.sock"]).output();
+    let socks = socks.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    assert!(socks.trim().is_empty(), "sockets left: {socks}");
+}
+
+#[test]
+fn vm_pinning_and_q35_disk_boot() {
+    if !require("vm_pinning_and_q35_disk_boot", CAPS) {
+        return;
+    }
+    let fx = vm_fixture().expect("VM fixture");
+    let cpus = berth_vm::host_cpus();
+    let tag = unique_tag("vq");
+    let b = Berth::new(&tag);
+    let disk = b.dir.path().join("disk.img");
+    std::fs::copy(&fx.disk, &disk).expect("copy disk image");
+    let (vp, vq) = (format!("{tag}-p"), format!("{tag}-q"));
+    let pin_extra = if cpus.len() >= 2 {
+        format!("cpus = 2\ncpu_pinning = [{}, {}]\nemulator_cpus = [{}]", cpus[1], cpus[0], cpus[0])
+    } else {
+        format!("cpu_pinning = [{}]", cpus[0])
+    };
+    let guests = format!(
+        "{}[guest.{vq}]\nkind = \"vm\"\nindex = 31\nmachine = \"q35\"\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 panic=-1 berth.root=/dev/vda\"\ndisks = [{{ path = \"{}\" }}]\nstop_timeout = \"2s\"\n",
+        vm(&vp, 30, &fx, &pin_extra).replace(" berth.fetch={inet}", ""),
+        fx.kernel.display(),
+        fx.initrd.display(),
+        disk.display()
+    );
+    let file = b.write("spec.toml", &spec(b.net.uplink(), 72, &guests));
+    b.cli_ok(&["apply", "--yes", file.to_str().expect("utf8")]);
+
+    // Pinning: each vCPU thread's affinity, read back from /proc.
+    let qemu = b.guest(&vp).pid.expect("qemu pid");
+    let tasks = std::fs::read_dir(format!("/proc/{qemu}/task")).expect("tasks");
+    let mut vcpus = Vec::new();
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if let Some(n) = comm.trim().strip_prefix("CPU ").and_then(|r| r.split('/').next()).and_then(|n| n.parse::<usize>().ok()) {
+            let tid: i32 = t.file_name().to_string_lossy().parse().expect("tid");
+            vcpus.push((n, berth_vm::thread_affinity(tid).expect("affinity")));
+        }
+    }
+    vcpus.sort();
+    let want: Vec<usize> = if cpus.len() >= 2 { vec![cpus[1], cpus[0]] } else { vec![cpus[0]] };
+    assert_eq!(vcpus.len(), want.len(), "{vcpus:?}");
+    for ((n, got), cpu) in vcpus.iter().zip(&want) {
+        assert_eq!(got, &vec![*cpu], "vCPU {n}");
+    }
+
+    // q35 booted from its virtio-blk disk into userspace there.
+    let body = wait_http(&b, "http://10.72.0.31/");
+    assert!(body.contains("berth-vm-fixture"), "{body}");
+    let console = std::fs::read_to_string(b.state.join(format!("guests/{vq}/console.log"))).unwrap_or_default();
+    assert!(console.contains("berth-fixture: disk root"), "q35 did not reach the disk root:\n{console}");
+}

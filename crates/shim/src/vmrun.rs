@@ -1,0 +1,229 @@
+//! The shim's VM path: QEMU on a routed tap, controlled over QMP.
+//!
+//! ```text
+//! shim ── open tap vb<i> (fd 3) ──▶ qemu-system-x86_64 -netdev tap,fd=3 -qmp unix:qmp.sock
+//!   │        host side: addresses + /32,/128 routes     (guest configures itself from ip=)
+//!   └─ QMP: status, vCPU thread ids → pinning; system_powerdown / quit to stop
+//! ```
+//!
+//! A guest reboot is handled inside QEMU (no `-no-reboot`): the process and
+//! its pinned threads survive it. QEMU exiting is a crash or a power-off, and
+//! the restart policy decides.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use berth_container::Cgroup;
+use berth_spec::Guest;
+use berth_spec::vm::{AccelChoice, Firmware, Machine, Vm};
+use nix::sys::signal::SigSet;
+
+use crate::paths::GuestPaths;
+
+/// The user QEMU runs as (created if missing; the NixOS module declares it).
+pub const QEMU_USER: &str = "berth-qemu";
+/// Memory a QEMU process needs beyond the guest's RAM, for its cgroup limit.
+const QEMU_OVERHEAD: u64 = 192 << 20;
+
+pub struct Started {
+    pub child: Child,
+    pub qmp: berth_vm::Qmp,
+    pub accel: berth_vm::Accel,
+    pub warnings: Vec<String>,
+}
+
+/// The kernel command line berth boots a direct-kernel VM with: the spec's,
+/// plus the guest's addresses (`ip=`, `berth.ip6=`, `berth.gw6=`) unless
+/// `ip_cmdline = false`, plus `tsc_early_khz=` under TCG (about half of all
+/// TCG boots hang in TSC calibration without it; see DESIGN.md).
+pub fn cmdline(cfg: &Guest, vm: &Vm, accel: berth_vm::Accel, tsc_khz: Option<u64>) -> String {
+    let mut parts: Vec<String> = vm.cmdline.split_whitespace().map(str::to_owned).collect();
+    if vm.ip_cmdline {
+        parts.push(format!("ip={}::{}:255.255.255.255:{}:eth0:off", cfg.addr4, cfg.host4, cfg.name));
+        if let (Some(a6), Some(h6)) = (cfg.addr6, cfg.host6) {
+            parts.push(format!("berth.ip6={a6}"));
+            parts.push(format!("berth.gw6={h6}"));
+        }
+    }
+    if accel == berth_vm::Accel::Tcg
+        && !parts.iter().any(|p| p.starts_with("tsc_early_khz="))
+        && let Some(khz) = tsc_khz
+    {
+        parts.push(format!("tsc_early_khz={khz}"));
+    }
+    parts.join(" ")
+}
+
+fn accel_choice(a: AccelChoice) -> &'static str {
+    match a {
+        AccelChoice::Auto => "auto",
+        AccelChoice::Kvm => "kvm",
+        AccelChoice::Tcg => "tcg",
+    }
+}
+
+/// Starts QEMU for `cfg` and returns once QMP answers and pinning is done.
+pub fn start(cfg: &Guest, vm: &Vm, paths: &GuestPaths, console: std::fs::File) -> Result<Started, String> {
+    let mut warnings = Vec::new();
+    let env = std::env::var("BERTH_ACCEL").ok();
+    let accel = berth_vm::resolve_accel(accel_choice(vm.accel), env.as_deref()).map_err(|e| e.to_string())?;
+    if vm.hugepages {
+        berth_vm::check_hugepages(vm.memory_mib).map_err(|e| e.to_string())?;
+    }
+    for d in &vm.disks {
+        let fmt = match d.format {
+            berth_spec::vm::DiskFormat::Raw => berth_vm::DiskFormat::Raw,
+            berth_spec::vm::DiskFormat::Qcow2 => berth_vm::DiskFormat::Qcow2,
+        };
+        if let Some(w) = berth_vm::ensure_disk(&d.path, fmt, d.size).map_err(|e| e.to_string())? {
+            warnings.push(w);
+        }
+    }
+    let ovmf = match vm.firmware {
+        Firmware::Uefi => Some(
+            berth_spec::vm::OVMF_PATHS
+                .iter()
+                .map(Path::new)
+                .find(|p| p.exists())
+                .map(Path::to_path_buf)
+                .ok_or("firmware = \"uefi\" but OVMF is not installed (apt-get install ovmf)")?,
+        ),
+        Firmware::Bios => None,
+    };
+    let runas = match berth_vm::ensure_qemu_user(QEMU_USER) {
+        Ok(_) => Some(QEMU_USER.to_string()),
+        Err(e) => {
+            warnings.push(format!("QEMU runs as root: cannot use user {QEMU_USER}: {e}"));
+            None
+        }
+    };
+
+    // Cgroup: the whole QEMU process, guest RAM plus QEMU's own overhead.
+    let cg = Cgroup::for_guest(&cfg.name);
+    cg.kill_all(Duration::from_secs(5)).map_err(|e| format!("ending leftover processes: {e}"))?;
+    cg.create().map_err(|e| e.to_string())?;
+    let limit = cfg.memory.map(|m| m + QEMU_OVERHEAD);
+    warnings.extend(cg.set_limits(limit, None).map_err(|e| e.to_string())?);
+
+    // Network: the tap is ours (QEMU, as another user, could not open
+    // /dev/net/tun); QEMU gets its fd.
+    let _ = berth_net::delete_link(&cfg.link);
+    let tap: OwnedFd = berth_vm::open_tap(&cfg.link).map_err(|e| e.to_string())?;
+    berth_net::setup_host_side(&crate::supervisor::link_of(cfg)).map_err(|e| format!("network setup: {e}"))?;
+
+    let qmp_path = paths.dir.join("qmp.sock");
+    let _ = std::fs::remove_file(&qmp_path);
+    let tsc = berth_vm::host_tsc_khz();
+    let argv = berth_vm::qemu_argv(&berth_vm::VmConfig {
+        name: cfg.name.clone(),
+        machine: match vm.machine {
+            Machine::Microvm => berth_vm::Machine::Microvm,
+            Machine::Q35 => berth_vm::Machine::Q35,
+        },
+        accel,
+        cpus: vm.vcpus,
+        memory_mib: vm.memory_mib,
+        kernel: vm.kernel.clone(),
+        initrd: vm.initrd.clone(),
+        cmdline: vm.kernel.as_ref().map(|_| cmdline(cfg, vm, accel, tsc)),
+        disks: vm
+            .disks
+            .iter()
+            .map(|d| berth_vm::Disk {
+                path: d.path.clone(),
+                format: match d.format {
+                    berth_spec::vm::DiskFormat::Raw => berth_vm::DiskFormat::Raw,
+                    berth_spec::vm::DiskFormat::Qcow2 => berth_vm::DiskFormat::Qcow2,
+                },
+                readonly: d.readonly,
+            })
+            .collect(),
+        cdrom: vm.cdrom.clone(),
+        firmware: match vm.firmware {
+            Firmware::Bios => berth_vm::Firmware::Bios,
+            Firmware::Uefi => berth_vm::Firmware::Uefi,
+        },
+        ovmf_code: ovmf,
+        ovmf_vars: None,
+        hugepages: vm.hugepages,
+        mac: berth_vm::mac_for_index(cfg.index),
+        tap_fd: 3,
+        qmp_socket: qmp_path.clone(),
+        serial_socket: None,
+        runas,
+        sandbox: true,
+    });
+
+    let procs = cg.procs_files(limit.is_some(), false).map_err(|e| e.to_string())?;
+    let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+    let tap_raw = tap.as_raw_fd();
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(console.try_clone().map_err(|e| e.to_string())?)
+        .stderr(console);
+    // SAFETY: between fork and exec only async-signal-safe calls: dup2(2),
+    // fcntl(2), write(2), sigprocmask(2), prctl(2). `tap_raw` and `fds` stay
+    // open in the parent until spawn() returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(tap_raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // dup2 clears FD_CLOEXEC on the copy unless it is the same fd.
+            if tap_raw == 3 && libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            berth_container::cgroup::join_from_pre_exec(&fds)?;
+            nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+                .map_err(std::io::Error::from)?;
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            "qemu-system-x86_64 not found: install qemu-system-x86".to_string()
+        } else {
+            format!("starting QEMU: {e}")
+        }
+    })?;
+    drop(procs);
+    drop(tap);
+    let fail = |child: &mut Child, msg: String| -> String {
+        let _ = child.kill();
+        let _ = child.wait();
+        let tail = crate::supervisor::tail_lines(&paths.console_log(), 5);
+        if tail.is_empty() { msg } else { format!("{msg}; last output: {tail}") }
+    };
+    let mut qmp = match berth_vm::Qmp::connect(&qmp_path, Duration::from_secs(30)) {
+        Ok(q) => q,
+        Err(e) => return Err(fail(&mut child, format!("QEMU did not answer on its QMP socket: {e}"))),
+    };
+    if !vm.cpu_pinning.is_empty() {
+        let threads = match qmp.vcpu_threads() {
+            Ok(t) => t,
+            Err(e) => return Err(fail(&mut child, format!("reading vCPU threads: {e}"))),
+        };
+        if let Err(e) = berth_vm::pin(child.id() as i32, &threads, &vm.cpu_pinning, &vm.emulator_cpus) {
+            return Err(fail(&mut child, format!("pinning: {e}")));
+        }
+    }
+    Ok(Started { child, qmp, accel, warnings })
+}
+
+/// Applies pinning to a running QEMU (a live plan change).
+pub fn repin(qmp: &mut berth_vm::Qmp, qemu_pid: i32, vm: &Vm) -> Result<(), String> {
+    if vm.cpu_pinning.is_empty() {
+        let all = berth_vm::host_cpus();
+        let threads = qmp.vcpu_threads().map_err(|e| e.to_string())?;
+        return berth_vm::pin(qemu_pid, &threads, &all, &all).map_err(|e| e.to_string());
+    }
+    let threads = qmp.vcpu_threads().map_err(|e| e.to_string())?;
+    berth_vm::pin(qemu_pid, &threads, &vm.cpu_pinning, &vm.emulator_cpus).map_err(|e| e.to_string())
+}
