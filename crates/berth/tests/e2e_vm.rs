@@ -5,10 +5,19 @@ mod common;
 
 use std::time::Duration;
 
-use berth_testkit::{Cap, INTERNET_BODY, busybox_rootfs, require, unique_tag, vm_fixture, wait_until};
+use berth_testkit::{
+    Cap, INTERNET_BODY, busybox_rootfs, require, unique_tag, vm_fixture, wait_until,
+};
 use common::{Berth, container, lines_in_host, spec};
 
-const CAPS: &[Cap] = &[Cap::Root, Cap::Netns, Cap::Nspawn, Cap::Nft, Cap::Curl, Cap::Qemu];
+const CAPS: &[Cap] = &[
+    Cap::Root,
+    Cap::Netns,
+    Cap::Nspawn,
+    Cap::Nft,
+    Cap::Curl,
+    Cap::Qemu,
+];
 
 fn vm(name: &str, index: u32, fx: &berth_testkit::VmFixture, extra: &str) -> String {
     format!(
@@ -21,14 +30,24 @@ fn vm(name: &str, index: u32, fx: &berth_testkit::VmFixture, extra: &str) -> Str
 /// Waits (up to 3 minutes: TCG boots on a busy machine) until `url` answers.
 fn wait_http(b: &Berth, url: &str) -> String {
     wait_until(Duration::from_secs(180), Duration::from_millis(500), || {
-        b.curl(url).ok().filter(|body| !body.contains("404 Not Found"))
+        b.curl(url)
+            .ok()
+            .filter(|body| !body.contains("404 Not Found"))
     })
     .unwrap_or_else(|| panic!("{url} did not answer; daemon log:\n{}", b.daemon_log()))
 }
 
 fn qemu_pids(tag: &str) -> Vec<String> {
-    let out = std::process::Command::new("pgrep").args(["-f", &format!("qemu-system-x86_64 .*{tag}")]).output();
-    out.map(|o| String::from_utf8_lossy(&o.stdout).lines().map(str::to_owned).collect()).unwrap_or_default()
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &format!("qemu-system-x86_64 .*{tag}")])
+        .output();
+    out.map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 #[test]
@@ -57,11 +76,19 @@ fn vms_and_a_container_routed_supervised_destroyed() {
     assert!(out.contains("applied"), "{out}");
 
     // Every guest answers from the host, VMs on IPv4 and IPv6.
-    for url in ["http://10.71.0.20/", "http://10.71.0.21/", "http://[fd42:47::14]/"] {
+    for url in [
+        "http://10.71.0.20/",
+        "http://10.71.0.21/",
+        "http://[fd42:47::14]/",
+    ] {
         let body = wait_http(&b, url);
         assert!(body.contains("berth-vm-fixture"), "{url}: {body}");
     }
-    assert!(b.curl("http://10.71.0.22/").expect("container").contains("berth-fixture"));
+    assert!(
+        b.curl("http://10.71.0.22/")
+            .expect("container")
+            .contains("berth-fixture")
+    );
     let ps = b.ps();
     let a = ps.iter().find(|g| g.name == va).expect("vm a in ps");
     assert_eq!(a.kind, "vm");
@@ -72,15 +99,24 @@ fn vms_and_a_container_routed_supervised_destroyed() {
     // berth.fetch= and serves what it got), and its forged-source attempt
     // was dropped.
     let fetched = wait_http(&b, "http://10.71.0.20/fetched.html");
-    assert!(fetched.contains(INTERNET_BODY), "VM could not reach the internet: {fetched}");
+    assert!(
+        fetched.contains(INTERNET_BODY),
+        "VM could not reach the internet: {fetched}"
+    );
     let spoof = wait_http(&b, "http://10.71.0.20/spoof.html");
-    assert!(spoof.contains("blocked"), "a forged source got through: {spoof}");
+    assert!(
+        spoof.contains("blocked"),
+        "a forged source got through: {spoof}"
+    );
 
     // kill -9 the daemon: VMs keep answering; a new daemon re-adopts them.
     let pid_a = a.pid.expect("qemu pid a");
     let pid_b = b.guest(&vb).pid.expect("qemu pid b");
     b.kill_daemon();
-    assert!(b.curl("http://10.71.0.21/").is_ok(), "VM died with the daemon");
+    assert!(
+        b.curl("http://10.71.0.21/").is_ok(),
+        "VM died with the daemon"
+    );
     b.start_daemon();
     assert_eq!(b.guest(&va).pid, Some(pid_a));
     assert_eq!(b.guest(&vb).pid, Some(pid_b));
@@ -88,9 +124,14 @@ fn vms_and_a_container_routed_supervised_destroyed() {
     // Memory of one VM: restart that one only.
     let file2 = b.write("spec2.toml", &spec(b.net.uplink(), 71, &guests("192M")));
     let file2 = file2.to_str().expect("utf8");
-    let plan: serde_json::Value = serde_json::from_str(&b.cli_ok(&["plan", "--json", file2])).expect("json");
-    let acts: Vec<&serde_json::Value> =
-        plan["plan"]["actions"].as_array().expect("actions").iter().filter(|a| !a["guest"].is_null()).collect();
+    let plan: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["plan", "--json", file2])).expect("json");
+    let acts: Vec<&serde_json::Value> = plan["plan"]["actions"]
+        .as_array()
+        .expect("actions")
+        .iter()
+        .filter(|a| !a["guest"].is_null())
+        .collect();
     assert_eq!(acts.len(), 1, "{plan}");
     assert_eq!(acts[0]["guest"], va.as_str());
     assert_eq!(acts[0]["impact"], "restart");
@@ -102,14 +143,27 @@ fn vms_and_a_container_routed_supervised_destroyed() {
     // destroy --all: no tap, route, nft table, QEMU or QMP socket left.
     b.cli_ok(&["destroy", "--all", "--yes"]);
     let links = lines_in_host(&b.net, "ip", &["-o", "link", "show"]);
-    assert!(!links.contains("vb20") && !links.contains("vb21") && !links.contains("vb22"), "{links}");
+    assert!(
+        !links.contains("vb20") && !links.contains("vb21") && !links.contains("vb22"),
+        "{links}"
+    );
     let routes = lines_in_host(&b.net, "ip", &["route", "show"]);
     assert!(!routes.contains("10.71.0."), "{routes}");
     assert!(!lines_in_host(&b.net, "nft", &["list", "tables"]).contains("berth"));
-    let gone = wait_until(Duration::from_secs(10), Duration::from_millis(50), || qemu_pids(&tag).is_empty().then_some(()));
+    let gone = wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        qemu_pids(&tag).is_empty().then_some(())
+    });
     assert!(gone.is_some(), "QEMU left: {:?}", qemu_pids(&tag));
-    let socks = std::process::Command::new("find").args([b.state.to_str().unwrap_or("/nonexistent"), "-name", "*.sock"]).output();
-    let socks = socks.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let socks = std::process::Command::new("find")
+        .args([
+            b.state.to_str().unwrap_or("/nonexistent"),
+            "-name",
+            "*.sock",
+        ])
+        .output();
+    let socks = socks
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
     assert!(socks.trim().is_empty(), "sockets left: {socks}");
 }
 
@@ -126,7 +180,10 @@ fn vm_pinning_and_q35_disk_boot() {
     std::fs::copy(&fx.disk, &disk).expect("copy disk image");
     let (vp, vq) = (format!("{tag}-p"), format!("{tag}-q"));
     let pin_extra = if cpus.len() >= 2 {
-        format!("cpus = 2\ncpu_pinning = [{}, {}]\nemulator_cpus = [{}]", cpus[1], cpus[0], cpus[0])
+        format!(
+            "cpus = 2\ncpu_pinning = [{}, {}]\nemulator_cpus = [{}]",
+            cpus[1], cpus[0], cpus[0]
+        )
     } else {
         format!("cpu_pinning = [{}]", cpus[0])
     };
@@ -146,13 +203,22 @@ fn vm_pinning_and_q35_disk_boot() {
     let mut vcpus = Vec::new();
     for t in tasks.flatten() {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if let Some(n) = comm.trim().strip_prefix("CPU ").and_then(|r| r.split('/').next()).and_then(|n| n.parse::<usize>().ok()) {
+        if let Some(n) = comm
+            .trim()
+            .strip_prefix("CPU ")
+            .and_then(|r| r.split('/').next())
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             let tid: i32 = t.file_name().to_string_lossy().parse().expect("tid");
             vcpus.push((n, berth_vm::thread_affinity(tid).expect("affinity")));
         }
     }
     vcpus.sort();
-    let want: Vec<usize> = if cpus.len() >= 2 { vec![cpus[1], cpus[0]] } else { vec![cpus[0]] };
+    let want: Vec<usize> = if cpus.len() >= 2 {
+        vec![cpus[1], cpus[0]]
+    } else {
+        vec![cpus[0]]
+    };
     assert_eq!(vcpus.len(), want.len(), "{vcpus:?}");
     for ((n, got), cpu) in vcpus.iter().zip(&want) {
         assert_eq!(got, &vec![*cpu], "vCPU {n}");
@@ -161,6 +227,44 @@ fn vm_pinning_and_q35_disk_boot() {
     // q35 booted from its virtio-blk disk into userspace there.
     let body = wait_http(&b, "http://10.72.0.31/");
     assert!(body.contains("berth-vm-fixture"), "{body}");
-    let console = std::fs::read_to_string(b.state.join(format!("guests/{vq}/console.log"))).unwrap_or_default();
-    assert!(console.contains("berth-fixture: disk root"), "q35 did not reach the disk root:\n{console}");
+    let console = std::fs::read_to_string(b.state.join(format!("guests/{vq}/console.log")))
+        .unwrap_or_default();
+    assert!(
+        console.contains("berth-fixture: disk root"),
+        "q35 did not reach the disk root:\n{console}"
+    );
+}
+
+#[test]
+fn too_few_hugepages_fails_before_anything_starts() {
+    if !require(
+        "too_few_hugepages_fails_before_anything_starts",
+        &[Cap::Root, Cap::Netns, Cap::Nft],
+    ) {
+        return;
+    }
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+    if free >= 1024 {
+        eprintln!(
+            "skip too_few_hugepages_fails_before_anything_starts: this host has {free} free hugepages"
+        );
+        return;
+    }
+    let tag = unique_tag("hp");
+    let b = Berth::new(&tag);
+    // The kernel is never booted: the pre-flight refuses first.
+    let g = format!(
+        "[guest.{tag}-h]\nkind = \"vm\"\nindex = 5\naccel = \"tcg\"\nkernel = \"/bin/busybox\"\nmemory = \"2G\"\nhugepages = true\n"
+    );
+    let file = b.write("hp.toml", &spec(b.net.uplink(), 73, &g));
+    let out = b.cli(&["apply", "--yes", file.to_str().expect("utf8")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("hugepages") && err.contains("1024"), "{err}");
+    assert!(b.ps().is_empty());
+    assert!(!lines_in_host(&b.net, "ip", &["-o", "link", "show"]).contains("vb5"));
 }

@@ -305,10 +305,18 @@ impl Engine {
         self.put(g, rec.run, rec.phase, generation)?;
         self.write_config(g)?;
         // A running shim applies what can change live (policy, pinning).
-        if let Err(e) = client::request(&self.paths(&g.name).socket(), &Request::Reload, Duration::from_secs(10))
-            && !matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused)
-        {
-            return Err(EngineError::guest(&g.name, format!("applying the change live: {e}")));
+        if let Err(e) = client::request(
+            &self.paths(&g.name).socket(),
+            &Request::Reload,
+            Duration::from_secs(10),
+        ) && !matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+        ) {
+            return Err(EngineError::guest(
+                &g.name,
+                format!("applying the change live: {e}"),
+            ));
         }
         self.step(plan_id, &g.name, "update", StepStatus::Done, "")?;
         Ok(())
@@ -493,13 +501,14 @@ impl Engine {
                 }
             }
         };
-        if live.state != ShimState::Running {
+        let up = |s: ShimState| matches!(s, ShimState::Running | ShimState::Booting);
+        if !up(live.state) {
             let _ = self.stop_shim(&g.name);
             return Err(failed(Some(&live)));
         }
         std::thread::sleep(start_grace());
         match client::status(paths) {
-            Some(s) if s.state == ShimState::Running && s.restarts == 0 => Ok(()),
+            Some(s) if up(s.state) && s.restarts == 0 => Ok(()),
             s => {
                 let s = s.or_else(|| client::last_status(paths));
                 let _ = self.stop_shim(&g.name);
@@ -578,7 +587,9 @@ impl Engine {
     /// Records this boot's id; true if the last daemon ran in another boot
     /// (no record counts as the same boot: nothing to start on a fresh store).
     fn note_boot(&self) -> bool {
-        let Ok(now) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else { return false };
+        let Ok(now) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else {
+            return false;
+        };
         let file = self.state_dir.join("boot_id");
         let before = std::fs::read_to_string(&file).ok();
         let _ = std::fs::write(&file, &now);

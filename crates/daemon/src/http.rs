@@ -313,6 +313,27 @@ fn run_apply(
         text: plan.to_string(),
         actions: plan.actions.len(),
     });
+    // Pre-flight: VMs about to start on hugepages must all fit, or nothing
+    // starts (the check in each supervisor would leave half an apply).
+    let hugepage_mib: u64 = plan
+        .actions
+        .iter()
+        .filter(|a| {
+            matches!(
+                a.kind,
+                ActionKind::Create | ActionKind::Replace | ActionKind::Start
+            ) && a.start
+        })
+        .filter_map(|a| desired.guests.get(a.guest.as_deref()?)?.vm.as_ref())
+        .filter(|vm| vm.hugepages)
+        .map(|vm| vm.memory_mib)
+        .sum();
+    if hugepage_mib > 0
+        && let Err(e) = berth_vm::check_hugepages(hugepage_mib)
+    {
+        return fail(format!("not starting anything: {e}"));
+    }
+
     let (generation, plan_id) = match (
         engine.store.save_spec(source, spec_json),
         engine.store.next_plan_id(),

@@ -20,5 +20,5 @@ pub use firewall::{
 };
 pub use link::{
     CONTAINER_IFNAME, Forwarding, GuestLink, delete_link, enable_forwarding, interface_exists,
-    list_links, routes_within, setup_container_link, setup_host_side,
+    link_rx_packets, list_links, routes_within, setup_container_link, setup_host_side,
 };

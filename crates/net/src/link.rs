@@ -444,6 +444,25 @@ pub fn setup_host_side(link: &GuestLink) -> Result<(), NetError> {
     Ok(())
 }
 
+/// Packets the host has received on link `name` (for a VM's tap: packets
+/// the guest sent), or `None` if the link does not exist. Read through
+/// netlink, so it is right in any network namespace.
+pub fn link_rx_packets(name: &str) -> Result<Option<u64>, NetError> {
+    check_ifname(name)?;
+    block_on(|h| async move {
+        let mut links = h.link().get().match_name(name.to_string()).execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(msg.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Stats64(s) => Some(s.rx_packets),
+                _ => None,
+            })),
+            Ok(None) => Ok(None),
+            Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => Ok(None),
+            Err(e) => Err(nl_err("read link statistics", name.to_string())(e)),
+        }
+    })
+}
+
 async fn delete_index(handle: &Handle, index: u32, name: &str) -> Result<bool, NetError> {
     match handle.link().del(index).execute().await {
         Ok(()) => Ok(true),

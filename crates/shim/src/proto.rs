@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 pub enum ShimState {
     Starting,
+    /// A VM whose QEMU runs but whose guest has not yet sent a packet on its
+    /// link (still booting, or a guest without network).
+    Booting,
     Running,
     Restarting,
     Stopping,
@@ -31,6 +34,7 @@ impl ShimState {
     pub fn as_str(self) -> &'static str {
         match self {
             ShimState::Starting => "starting",
+            ShimState::Booting => "booting",
             ShimState::Running => "running",
             ShimState::Restarting => "restarting",
             ShimState::Stopping => "stopping",

@@ -569,7 +569,8 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
 
 fn start_vm(cfg: &Guest, vm: &berth_spec::vm::Vm, shared: &Arc<Shared>) -> Result<Child, String> {
     let paths = &shared.paths;
-    let console = open_console_log(&paths.console_log()).map_err(|e| format!("opening console log: {e}"))?;
+    let console =
+        open_console_log(&paths.console_log()).map_err(|e| format!("opening console log: {e}"))?;
     let started = crate::vmrun::start(cfg, vm, paths, console)?;
     let pid = started.child.id() as i32;
     for w in &started.warnings {
@@ -579,17 +580,47 @@ fn start_vm(cfg: &Guest, vm: &berth_spec::vm::Vm, shared: &Arc<Shared>) -> Resul
         berth_vm::Accel::Kvm => "kvm",
         berth_vm::Accel::Tcg => "tcg",
     };
-    log(&format!("VM running: qemu pid {pid}, accel {accel}, {}", cfg.addresses().join(" ")));
+    log(&format!(
+        "VM running: qemu pid {pid}, accel {accel}, {}",
+        cfg.addresses().join(" ")
+    ));
     *shared.qmp.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.qmp);
     shared.update(|s| {
         s.runner_pid = Some(pid);
         if s.state == ShimState::Starting {
-            s.state = ShimState::Running;
+            s.state = ShimState::Booting;
         }
         s.leader_pid = Some(pid);
         s.accel = Some(accel.to_string());
         s.started_at = Some(now());
         s.message = (!started.warnings.is_empty()).then(|| started.warnings.join("; "));
+    });
+    // Booting until the guest sends its first packet on its link.
+    let sh = Arc::clone(shared);
+    let link = cfg.link.clone();
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let s = sh.lock();
+            if s.state != ShimState::Booting || s.runner_pid != Some(pid) {
+                return;
+            }
+            drop(s);
+            if berth_net::link_rx_packets(&link)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+                > 0
+            {
+                log("guest is up: first packet on its link");
+                sh.update(|s| {
+                    if s.state == ShimState::Booting && s.runner_pid == Some(pid) {
+                        s.state = ShimState::Running;
+                    }
+                });
+                return;
+            }
+        }
     });
     Ok(started.child)
 }

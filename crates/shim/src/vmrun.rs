@@ -42,7 +42,10 @@ pub struct Started {
 pub fn cmdline(cfg: &Guest, vm: &Vm, accel: berth_vm::Accel, tsc_khz: Option<u64>) -> String {
     let mut parts: Vec<String> = vm.cmdline.split_whitespace().map(str::to_owned).collect();
     if vm.ip_cmdline {
-        parts.push(format!("ip={}::{}:255.255.255.255:{}:eth0:off", cfg.addr4, cfg.host4, cfg.name));
+        parts.push(format!(
+            "ip={}::{}:255.255.255.255:{}:eth0:off",
+            cfg.addr4, cfg.host4, cfg.name
+        ));
         if let (Some(a6), Some(h6)) = (cfg.addr6, cfg.host6) {
             parts.push(format!("berth.ip6={a6}"));
             parts.push(format!("berth.gw6={h6}"));
@@ -66,10 +69,16 @@ fn accel_choice(a: AccelChoice) -> &'static str {
 }
 
 /// Starts QEMU for `cfg` and returns once QMP answers and pinning is done.
-pub fn start(cfg: &Guest, vm: &Vm, paths: &GuestPaths, console: std::fs::File) -> Result<Started, String> {
+pub fn start(
+    cfg: &Guest,
+    vm: &Vm,
+    paths: &GuestPaths,
+    console: std::fs::File,
+) -> Result<Started, String> {
     let mut warnings = Vec::new();
     let env = std::env::var("BERTH_ACCEL").ok();
-    let accel = berth_vm::resolve_accel(accel_choice(vm.accel), env.as_deref()).map_err(|e| e.to_string())?;
+    let accel = berth_vm::resolve_accel(accel_choice(vm.accel), env.as_deref())
+        .map_err(|e| e.to_string())?;
     if vm.hugepages {
         berth_vm::check_hugepages(vm.memory_mib).map_err(|e| e.to_string())?;
     }
@@ -96,14 +105,17 @@ pub fn start(cfg: &Guest, vm: &Vm, paths: &GuestPaths, console: std::fs::File) -
     let runas = match berth_vm::ensure_qemu_user(QEMU_USER) {
         Ok(_) => Some(QEMU_USER.to_string()),
         Err(e) => {
-            warnings.push(format!("QEMU runs as root: cannot use user {QEMU_USER}: {e}"));
+            warnings.push(format!(
+                "QEMU runs as root: cannot use user {QEMU_USER}: {e}"
+            ));
             None
         }
     };
 
     // Cgroup: the whole QEMU process, guest RAM plus QEMU's own overhead.
     let cg = Cgroup::for_guest(&cfg.name);
-    cg.kill_all(Duration::from_secs(5)).map_err(|e| format!("ending leftover processes: {e}"))?;
+    cg.kill_all(Duration::from_secs(5))
+        .map_err(|e| format!("ending leftover processes: {e}"))?;
     cg.create().map_err(|e| e.to_string())?;
     let limit = cfg.memory.map(|m| m + QEMU_OVERHEAD);
     warnings.extend(cg.set_limits(limit, None).map_err(|e| e.to_string())?);
@@ -112,7 +124,8 @@ pub fn start(cfg: &Guest, vm: &Vm, paths: &GuestPaths, console: std::fs::File) -
     // /dev/net/tun); QEMU gets its fd.
     let _ = berth_net::delete_link(&cfg.link);
     let tap: OwnedFd = berth_vm::open_tap(&cfg.link).map_err(|e| e.to_string())?;
-    berth_net::setup_host_side(&crate::supervisor::link_of(cfg)).map_err(|e| format!("network setup: {e}"))?;
+    berth_net::setup_host_side(&crate::supervisor::link_of(cfg))
+        .map_err(|e| format!("network setup: {e}"))?;
 
     let qmp_path = paths.dir.join("qmp.sock");
     let _ = std::fs::remove_file(&qmp_path);
@@ -157,7 +170,9 @@ pub fn start(cfg: &Guest, vm: &Vm, paths: &GuestPaths, console: std::fs::File) -
         sandbox: true,
     });
 
-    let procs = cg.procs_files(limit.is_some(), false).map_err(|e| e.to_string())?;
+    let procs = cg
+        .procs_files(limit.is_some(), false)
+        .map_err(|e| e.to_string())?;
     let fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
     let tap_raw = tap.as_raw_fd();
     let mut cmd = Command::new(&argv[0]);
@@ -166,7 +181,7 @@ pub fn start(cfg: &Guest, vm: &Vm, paths: &GuestPaths, console: std::fs::File) -
         .stdout(console.try_clone().map_err(|e| e.to_string())?)
         .stderr(console);
     // SAFETY: between fork and exec only async-signal-safe calls: dup2(2),
-    // fcntl(2), write(2), sigprocmask(2), prctl(2). `tap_raw` and `fds` stay
+    // fcntl(2), umask(2), write(2), sigprocmask(2), prctl(2). `tap_raw` and `fds` stay
     // open in the parent until spawn() returns.
     unsafe {
         cmd.pre_exec(move || {
@@ -177,9 +192,15 @@ pub fn start(cfg: &Guest, vm: &Vm, paths: &GuestPaths, console: std::fs::File) -
             if tap_raw == 3 && libc::fcntl(3, libc::F_SETFD, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // QEMU's sockets (QMP) are created 0600: only root talks to it.
+            libc::umask(0o077);
             berth_container::cgroup::join_from_pre_exec(&fds)?;
-            nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
-                .map_err(std::io::Error::from)?;
+            nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&SigSet::empty()),
+                None,
+            )
+            .map_err(std::io::Error::from)?;
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -199,22 +220,41 @@ pub fn start(cfg: &Guest, vm: &Vm, paths: &GuestPaths, console: std::fs::File) -
         let _ = child.kill();
         let _ = child.wait();
         let tail = crate::supervisor::tail_lines(&paths.console_log(), 5);
-        if tail.is_empty() { msg } else { format!("{msg}; last output: {tail}") }
+        if tail.is_empty() {
+            msg
+        } else {
+            format!("{msg}; last output: {tail}")
+        }
     };
     let mut qmp = match berth_vm::Qmp::connect(&qmp_path, Duration::from_secs(30)) {
         Ok(q) => q,
-        Err(e) => return Err(fail(&mut child, format!("QEMU did not answer on its QMP socket: {e}"))),
+        Err(e) => {
+            return Err(fail(
+                &mut child,
+                format!("QEMU did not answer on its QMP socket: {e}"),
+            ));
+        }
     };
     if !vm.cpu_pinning.is_empty() {
         let threads = match qmp.vcpu_threads() {
             Ok(t) => t,
             Err(e) => return Err(fail(&mut child, format!("reading vCPU threads: {e}"))),
         };
-        if let Err(e) = berth_vm::pin(child.id() as i32, &threads, &vm.cpu_pinning, &vm.emulator_cpus) {
+        if let Err(e) = berth_vm::pin(
+            child.id() as i32,
+            &threads,
+            &vm.cpu_pinning,
+            &vm.emulator_cpus,
+        ) {
             return Err(fail(&mut child, format!("pinning: {e}")));
         }
     }
-    Ok(Started { child, qmp, accel, warnings })
+    Ok(Started {
+        child,
+        qmp,
+        accel,
+        warnings,
+    })
 }
 
 /// Applies pinning to a running QEMU (a live plan change).

@@ -51,6 +51,12 @@ impl HostProbe for Fake {
     fn interface_exists(&self, name: &str) -> Option<bool> {
         self.ifaces.as_ref().map(|s| s.contains(name))
     }
+    fn host_cpus(&self) -> Option<Vec<usize>> {
+        Some(vec![0, 1, 2, 3])
+    }
+    fn kvm(&self) -> Option<Result<(), String>> {
+        Some(Err("/dev/kvm: no such file".into()))
+    }
 }
 
 const BASE: &str = r#"
@@ -751,4 +757,22 @@ fn shared_rootfs_needs_ephemeral_or_read_only() {
     s.guest.get_mut("db2").expect("db2").ephemeral = None;
     s.guest.get_mut("db2").expect("db2").read_only = Some(true);
     assert!(ok(&s), "ephemeral + read-only guests may share a rootfs");
+}
+
+#[test]
+fn vm_host_checks_pinning_and_kvm() {
+    assert_one_error(
+        |s| {
+            make_vm(s);
+            db1(s).cpu_pinning = Some(vec![2, 9]);
+        },
+        &["CPU 9 does not exist on this host (online CPUs: 0, 1, 2, 3)"],
+    );
+    assert_one_error(
+        |s| {
+            make_vm(s);
+            db1(s).accel = Some(berth_spec::vm::AccelChoice::Kvm);
+        },
+        &["accel = \"kvm\" but KVM is not usable here: /dev/kvm: no such file"],
+    );
 }

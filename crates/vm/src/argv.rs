@@ -166,8 +166,9 @@ fn esc_path(p: &Path) -> String {
 ///   process (tap, QMP and pinned threads survive it).
 /// - `-name NAME,debug-threads=on`: vCPU threads are called `CPU n/TCG` or
 ///   `CPU n/KVM` in `ps -T`.
-/// - q35 boot order is set with `bootindex` on the devices (CD-ROM first,
-///   then the disks in order), which SeaBIOS and OVMF both honour, rather
+/// - q35 boot order is set with `bootindex` on the devices, from 1 (0 is the
+///   direct-kernel boot ROM's when `-kernel` is given): CD-ROM first,
+///   then the disks in order, which SeaBIOS and OVMF both honour, rather
 ///   than `-boot order=`, which OVMF ignores and which must not be mixed
 ///   with `bootindex`.
 /// - Disks use QEMU's default cache mode (`cache=none` needs O_DIRECT, which
@@ -179,12 +180,7 @@ pub fn qemu_argv(c: &VmConfig) -> Vec<String> {
     push(&[QEMU_PROGRAM]);
     let name = format!("{},debug-threads=on", esc(&c.name));
     push(&["-name", &name]);
-    push(&[
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-    ]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
 
     let mem_backend = if c.hugepages {
         ",memory-backend=mem"
@@ -276,7 +272,7 @@ pub fn qemu_argv(c: &VmConfig) -> Vec<String> {
             "-drive",
             &d,
             "-device",
-            "ide-cd,drive=cd0,bus=ide.0,bootindex=0",
+            "ide-cd,drive=cd0,bus=ide.0,bootindex=1",
         ]);
     }
     for (k, disk) in c.disks.iter().enumerate() {
@@ -289,7 +285,11 @@ pub fn qemu_argv(c: &VmConfig) -> Vec<String> {
         );
         let dev = match c.machine {
             Machine::Microvm => format!("{blk_dev},drive=d{k}"),
-            Machine::Q35 => format!("{blk_dev},drive=d{k},bootindex={}", k + usize::from(q35_cd)),
+            // bootindex 0 is the direct-kernel boot ROM's when `-kernel` is given.
+            Machine::Q35 => format!(
+                "{blk_dev},drive=d{k},bootindex={}",
+                1 + k + usize::from(q35_cd)
+            ),
         };
         push(&["-drive", &d, "-device", &dev]);
     }
@@ -416,7 +416,10 @@ mod tests {
         assert_eq!(one(&a, "-sandbox"), "on,obsolete=deny,spawn=deny");
         assert!(!one(&a, "-sandbox").contains("elevateprivileges"));
         assert_eq!(one(&a, "-runas"), "berth-qemu");
-        assert!(!a.iter().any(|s| s == "-no-reboot"), "reboots stay inside QEMU");
+        assert!(
+            !a.iter().any(|s| s == "-no-reboot"),
+            "reboots stay inside QEMU"
+        );
         for f in ["-nodefaults", "-no-user-config"] {
             assert!(a.iter().any(|s| s == f), "{f} missing");
         }
@@ -508,9 +511,9 @@ mod tests {
             values(&a, "-device"),
             [
                 "virtio-net-pci,netdev=n0,mac=52:54:00:be:00:03",
-                "ide-cd,drive=cd0,bus=ide.0,bootindex=0",
-                "virtio-blk-pci,drive=d0,bootindex=1",
-                "virtio-blk-pci,drive=d1,bootindex=2",
+                "ide-cd,drive=cd0,bus=ide.0,bootindex=1",
+                "virtio-blk-pci,drive=d0,bootindex=2",
+                "virtio-blk-pci,drive=d1,bootindex=3",
             ]
         );
     }
@@ -528,7 +531,7 @@ mod tests {
         }];
         let a = qemu_argv(&c);
         assert!(!a.iter().any(|s| s.contains("pflash")), "BIOS: no OVMF");
-        assert!(values(&a, "-device").contains(&"virtio-blk-pci,drive=d0,bootindex=0"));
+        assert!(values(&a, "-device").contains(&"virtio-blk-pci,drive=d0,bootindex=1"));
     }
 
     #[test]
