@@ -13,102 +13,15 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use berth_testkit::{Cap, busybox_rootfs, in_netns, require, unique_tag};
 use common::{Berth, container, spec};
-
-fn answers(addr: &str) -> bool {
-    let Ok(sa) = format!("{addr}:80").parse::<SocketAddr>() else {
-        return false;
-    };
-    // Short timeout: a SYN sent before the guest's end of the link is up is
-    // lost and would only be retried by the kernel after a second.
-    let Ok(mut s) = TcpStream::connect_timeout(&sa, Duration::from_millis(5)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"GET / HTTP/1.0\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut buf = [0u8; 64];
-    matches!(s.read(&mut buf), Ok(n) if n > 12 && buf.starts_with(b"HTTP/1."))
-}
-
-/// Waits (from inside `ns`) until every address answers; returns the time.
-fn wait_all(ns: &str, addrs: &[String], t0: Instant) -> Duration {
-    in_netns(ns, || {
-        let mut left: Vec<&String> = addrs.iter().collect();
-        while !left.is_empty() {
-            left.retain(|a| !answers(a));
-            if t0.elapsed() > Duration::from_secs(60) {
-                panic!("guests {left:?} did not answer within 60 s");
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        t0.elapsed()
-    })
-    .expect("netns")
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("VmRSS:")
-                    .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
-            })
-        })
-        .unwrap_or(0)
-}
-
-fn status_kib(pid: u32, file: &str, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix(key)
-                    .map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
-            })
-        })
-        .unwrap_or(0)
-}
-
-fn anon_kib(pid: u32) -> u64 {
-    status_kib(pid, "status", "RssAnon:")
-}
-
-/// Proportional set size: shared pages (the berth binary, libc) divided
-/// among the processes that map them.
-fn pss_kib(pid: u32) -> u64 {
-    status_kib(pid, "smaps_rollup", "Pss:")
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
-}
-
-/// Runs `start` while polling (from inside `ns`) until every address
-/// answers; returns the time from just before `start`.
-fn timed<T>(ns: &str, addrs: &[String], start: impl FnOnce() -> T) -> (Duration, T) {
-    let t0 = Instant::now();
-    std::thread::scope(|s| {
-        let poll = s.spawn(|| wait_all(ns, addrs, t0));
-        let out = start();
-        (poll.join().expect("poller"), out)
-    })
-}
+use support::{anon_kib, median, ms, pss_kib, rss_kib, timed};
 
 /// Starts raw systemd-nspawn containers (indexes `indexes`), each set up the
 /// way berth's shim does it (same argv, init helper, network setup), in

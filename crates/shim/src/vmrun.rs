@@ -23,8 +23,7 @@ use nix::sys::signal::SigSet;
 
 use crate::paths::GuestPaths;
 
-/// The user QEMU runs as (created if missing; the NixOS module declares it).
-pub const QEMU_USER: &str = "berth-qemu";
+use berth_vm::QEMU_USER;
 /// Memory a QEMU process needs beyond the guest's RAM, for its cgroup limit.
 const QEMU_OVERHEAD: u64 = 192 << 20;
 
@@ -180,18 +179,12 @@ pub fn start(
         .stdin(Stdio::null())
         .stdout(console.try_clone().map_err(|e| e.to_string())?)
         .stderr(console);
-    // SAFETY: between fork and exec only async-signal-safe calls: dup2(2),
-    // fcntl(2), umask(2), write(2), sigprocmask(2), prctl(2). `tap_raw` and `fds` stay
-    // open in the parent until spawn() returns.
+    berth_vm::inherit_fd(&mut cmd, tap_raw, 3);
+    // SAFETY: between fork and exec only async-signal-safe calls: umask(2),
+    // write(2), sigprocmask(2), prctl(2). `fds` stay open in the parent
+    // until spawn() returns.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(tap_raw, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // dup2 clears FD_CLOEXEC on the copy unless it is the same fd.
-            if tap_raw == 3 && libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
             // QEMU's sockets (QMP) are created 0600: only root talks to it.
             libc::umask(0o077);
             berth_container::cgroup::join_from_pre_exec(&fds)?;
