@@ -31,7 +31,8 @@ pub struct GuestInfo {
     /// `container` or `vm`.
     pub kind: String,
     pub index: u32,
-    /// `running`, `starting`, `restarting`, `stopping`, `stopped`, `failed`,
+    /// `running`, `starting`, `booting` (a VM whose guest has not yet sent a
+    /// packet), `restarting`, `stopping`, `stopped`, `failed` (`crashed` for a VM),
     /// `missing` (should run but no supervisor found), `creating`/`removing`
     /// (an apply is in progress or died half-way).
     pub state: String,

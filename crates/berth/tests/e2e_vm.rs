@@ -224,6 +224,28 @@ fn vm_pinning_and_q35_disk_boot() {
         assert_eq!(got, &vec![*cpu], "vCPU {n}");
     }
 
+    // Only berth's QMP socket, 0600.
+    let qmp = b.state.join(format!("guests/{vp}/qmp.sock"));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&qmp).expect("qmp.sock").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "qmp.sock mode {mode:o}");
+
+    // A crash (QEMU killed) is restarted by policy (on-failure).
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &qemu.to_string()])
+        .status();
+    let back = wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
+        let g = b.guest(&vp);
+        (g.pid.is_some() && g.pid != Some(qemu) && g.restarts >= 1).then_some(g)
+    });
+    assert!(
+        back.is_some(),
+        "VM was not restarted after QEMU died; {:?}",
+        b.guest(&vp)
+    );
+    wait_http(&b, "http://10.72.0.30/");
+
     // q35 booted from its virtio-blk disk into userspace there.
     let body = wait_http(&b, "http://10.72.0.31/");
     assert!(body.contains("berth-vm-fixture"), "{body}");

@@ -135,6 +135,9 @@ impl Engine {
             (Phase::Removing, _) => "removing".to_owned(),
             (_, Some(s)) => s.state.as_str().to_owned(),
             (_, None) => match (&rec.run, last.as_ref().map(|s| s.state)) {
+                // A VM that ended in failure crashed (QEMU died or the guest
+                // could not be started), in the words VM operators use.
+                (_, Some(ShimState::Failed)) if g.vm.is_some() => "crashed".to_owned(),
                 (_, Some(ShimState::Failed)) => "failed".to_owned(),
                 (RunState::Running, _) => "missing".to_owned(),
                 (RunState::Stopped, _) => "stopped".to_owned(),

@@ -186,7 +186,7 @@ pub fn start(
     unsafe {
         cmd.pre_exec(move || {
             // QEMU's sockets (QMP) are created 0600: only root talks to it.
-            libc::umask(0o077);
+            libc::umask(0o177);
             berth_container::cgroup::join_from_pre_exec(&fds)?;
             nix::sys::signal::sigprocmask(
                 nix::sys::signal::SigmaskHow::SIG_SETMASK,
