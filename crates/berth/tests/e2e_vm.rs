@@ -187,6 +187,12 @@ fn vm_pinning_and_q35_disk_boot() {
     } else {
         format!("cpu_pinning = [{}]", cpus[0])
     };
+    // A disk berth creates (sparse qcow2), owned by the QEMU user.
+    let data = b.dir.path().join("data.qcow2");
+    let pin_extra = format!(
+        "{pin_extra}\ndisks = [{{ path = \"{}\", size = \"64M\" }}]",
+        data.display()
+    );
     let guests = format!(
         "{}[guest.{vq}]\nkind = \"vm\"\nindex = 31\nmachine = \"q35\"\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 panic=-1 berth.root=/dev/vda\"\ndisks = [{{ path = \"{}\" }}]\nstop_timeout = \"2s\"\n",
         vm(&vp, 30, &fx, &pin_extra).replace(" berth.fetch={inet}", ""),
@@ -223,6 +229,19 @@ fn vm_pinning_and_q35_disk_boot() {
     for ((n, got), cpu) in vcpus.iter().zip(&want) {
         assert_eq!(got, &vec![*cpu], "vCPU {n}");
     }
+
+    let head = std::fs::read(&data).expect("created disk");
+    assert_eq!(&head[..4], b"QFI\xfb", "not a qcow2 image");
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&data).expect("stat"));
+    let qemu_uid = std::process::Command::new("id")
+        .args(["-u", "berth-qemu"])
+        .output()
+        .expect("id");
+    assert_eq!(
+        owner.to_string(),
+        String::from_utf8_lossy(&qemu_uid.stdout).trim(),
+        "disk owner"
+    );
 
     // Only berth's QMP socket, 0600.
     let qmp = b.state.join(format!("guests/{vp}/qmp.sock"));

@@ -81,13 +81,29 @@ pub fn start(
     if vm.hugepages {
         berth_vm::check_hugepages(vm.memory_mib).map_err(|e| e.to_string())?;
     }
+    let runas = match berth_vm::ensure_qemu_user(QEMU_USER) {
+        Ok(ids) => Some(ids),
+        Err(e) => {
+            warnings.push(format!(
+                "QEMU runs as root: cannot use user {QEMU_USER}: {e}"
+            ));
+            None
+        }
+    };
+
     for d in &vm.disks {
+        let existed = d.path.exists();
         let fmt = match d.format {
             berth_spec::vm::DiskFormat::Raw => berth_vm::DiskFormat::Raw,
             berth_spec::vm::DiskFormat::Qcow2 => berth_vm::DiskFormat::Qcow2,
         };
         if let Some(w) = berth_vm::ensure_disk(&d.path, fmt, d.size).map_err(|e| e.to_string())? {
             warnings.push(w);
+        }
+        // A disk berth made belongs to the user QEMU runs as.
+        if let (false, Some((uid, gid))) = (existed, runas) {
+            std::os::unix::fs::chown(&d.path, Some(uid), Some(gid))
+                .map_err(|e| format!("chown {} to {QEMU_USER}: {e}", d.path.display()))?;
         }
     }
     let ovmf = match vm.firmware {
@@ -101,16 +117,6 @@ pub fn start(
         ),
         Firmware::Bios => None,
     };
-    let runas = match berth_vm::ensure_qemu_user(QEMU_USER) {
-        Ok(_) => Some(QEMU_USER.to_string()),
-        Err(e) => {
-            warnings.push(format!(
-                "QEMU runs as root: cannot use user {QEMU_USER}: {e}"
-            ));
-            None
-        }
-    };
-
     // Cgroup: the whole QEMU process, guest RAM plus QEMU's own overhead.
     let cg = Cgroup::for_guest(&cfg.name);
     cg.kill_all(Duration::from_secs(5))
@@ -165,7 +171,7 @@ pub fn start(
         tap_fd: 3,
         qmp_socket: qmp_path.clone(),
         serial_socket: None,
-        runas,
+        runas: runas.map(|_| QEMU_USER.to_string()),
         sandbox: true,
     });
 
