@@ -717,3 +717,74 @@ fn observed_guest_field_is_public() {
     };
     assert!(og.status.is_running());
 }
+
+/// Guest `a` as a microVM (NoProbe accepts any path).
+fn vm_base(s: &mut Spec) {
+    let a = g(s, "a");
+    a.kind = GuestKind::Vm;
+    a.rootfs = None;
+    a.env.clear();
+    a.kernel = Some("/boot/vmlinuz".into());
+    a.cpus = Some(2.0);
+}
+
+#[test]
+fn vm_pinning_is_live_and_qemu_args_restart() {
+    let old = desired_with(vm_base);
+    let cases: Vec<(&str, Box<dyn Fn(&mut Spec)>, ActionKind, Impact)> = vec![
+        (
+            "pinning",
+            Box::new(|s| g(s, "a").cpu_pinning = Some(vec![2, 3])),
+            ActionKind::Update,
+            Impact::Live,
+        ),
+        (
+            "emulator cpus",
+            Box::new(|s| g(s, "a").emulator_cpus = Some(vec![0])),
+            ActionKind::Update,
+            Impact::Live,
+        ),
+        (
+            "vcpus",
+            Box::new(|s| g(s, "a").cpus = Some(4.0)),
+            ActionKind::Restart,
+            Impact::Restart,
+        ),
+        (
+            "memory",
+            Box::new(|s| g(s, "a").memory = Some(ByteSize(512 << 20))),
+            ActionKind::Restart,
+            Impact::Restart,
+        ),
+        (
+            "cmdline",
+            Box::new(|s| g(s, "a").cmdline = Some("console=ttyS0".into())),
+            ActionKind::Restart,
+            Impact::Restart,
+        ),
+        (
+            "hugepages",
+            Box::new(|s| g(s, "a").hugepages = Some(true)),
+            ActionKind::Restart,
+            Impact::Restart,
+        ),
+        (
+            "machine",
+            Box::new(|s| g(s, "a").machine = Some(berth_spec::vm::Machine::Q35)),
+            ActionKind::Restart,
+            Impact::Restart,
+        ),
+    ];
+    for (what, tweak, kind, impact) in cases {
+        let new = desired_with(|s| {
+            vm_base(s);
+            tweak(s);
+        });
+        let p = plan(&new, &running(&old));
+        assert_eq!(
+            shape(&p),
+            vec![("a".to_string(), kind, impact)],
+            "{what}: {p}"
+        );
+    }
+}

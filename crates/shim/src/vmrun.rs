@@ -266,3 +266,72 @@ pub fn repin(qmp: &mut berth_vm::Qmp, qemu_pid: i32, vm: &Vm) -> Result<(), Stri
     let threads = qmp.vcpu_threads().map_err(|e| e.to_string())?;
     berth_vm::pin(qemu_pid, &threads, &vm.cpu_pinning, &vm.emulator_cpus).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest(ip_cmdline: bool, cmdline: &str) -> (Guest, Vm) {
+        let vm = Vm {
+            machine: Machine::Microvm,
+            accel: AccelChoice::Tcg,
+            kernel: Some("/k".into()),
+            initrd: None,
+            cmdline: cmdline.into(),
+            ip_cmdline,
+            disks: vec![],
+            cdrom: None,
+            firmware: Firmware::Bios,
+            vcpus: 1,
+            memory_mib: 256,
+            cpu_pinning: vec![],
+            emulator_cpus: vec![],
+            exclusive: false,
+            hugepages: false,
+        };
+        let g = Guest {
+            name: "r1".into(),
+            kind: berth_spec::GuestKind::Vm,
+            index: 5,
+            link: "vb5".into(),
+            addr4: "10.0.0.5".parse().expect("ip"),
+            host4: "10.0.0.0".parse().expect("ip"),
+            addr6: Some("fd42::5".parse().expect("ip")),
+            host6: Some("fd42::".parse().expect("ip")),
+            rootfs: Default::default(),
+            command: vec![],
+            memory: Some(256 << 20),
+            cpus: None,
+            autostart: true,
+            restart: berth_spec::RestartPolicy::OnFailure,
+            env: Default::default(),
+            stop_timeout_ms: 1000,
+            ephemeral: false,
+            read_only: false,
+            vm: Some(vm.clone()),
+        };
+        (g, vm)
+    }
+
+    #[test]
+    fn cmdline_gets_addresses_and_tsc_under_tcg() {
+        let (g, vm) = guest(true, "console=ttyS0");
+        assert_eq!(
+            cmdline(&g, &vm, berth_vm::Accel::Tcg, Some(2_600_000)),
+            "console=ttyS0 ip=10.0.0.5::10.0.0.0:255.255.255.255:r1:eth0:off berth.ip6=fd42::5 berth.gw6=fd42:: tsc_early_khz=2600000"
+        );
+        // KVM needs no TSC hint; the spec can turn ip= off; a TSC hint in the
+        // spec wins.
+        assert_eq!(
+            cmdline(&g, &vm, berth_vm::Accel::Kvm, Some(1))
+                .matches("tsc_early_khz")
+                .count(),
+            0
+        );
+        let (g, vm) = guest(false, "console=ttyS0 tsc_early_khz=5");
+        assert_eq!(
+            cmdline(&g, &vm, berth_vm::Accel::Tcg, Some(1)),
+            "console=ttyS0 tsc_early_khz=5"
+        );
+    }
+}

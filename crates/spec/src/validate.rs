@@ -765,12 +765,6 @@ fn validate_vm(
                 field,
                 format!("{field} {} does not exist", p.display()),
             );
-        } else if probe.is_dir(p) {
-            cx.guest(
-                name,
-                field,
-                format!("{field} {} is a directory, not a file", p.display()),
-            );
         }
     };
     if let Some(k) = &g.kernel {
@@ -817,13 +811,6 @@ fn validate_vm(
                     "disk {} does not exist; give it a `size` to have berth create it (sparse)",
                     d.path.display()
                 ),
-            );
-        }
-        if probe.is_dir(&d.path) {
-            cx.guest(
-                name,
-                "disks",
-                format!("disk {} is a directory", d.path.display()),
             );
         }
         if let Some(s) = d.size.filter(|s| s.0 < (1 << 20)) {
