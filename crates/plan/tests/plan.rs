@@ -728,10 +728,12 @@ fn vm_base(s: &mut Spec) {
     a.cpus = Some(2.0);
 }
 
+type Case = (&'static str, Box<dyn Fn(&mut Spec)>, ActionKind, Impact);
+
 #[test]
 fn vm_pinning_is_live_and_qemu_args_restart() {
     let old = desired_with(vm_base);
-    let cases: Vec<(&str, Box<dyn Fn(&mut Spec)>, ActionKind, Impact)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "pinning",
             Box::new(|s| g(s, "a").cpu_pinning = Some(vec![2, 3])),
