@@ -56,9 +56,11 @@ pub async fn serve(opts: Options) -> Result<(), DaemonError> {
     });
     tracing::info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), pid = std::process::id(), "berth daemon listening");
 
+    // Re-adopt before serving: requests wait in the socket's backlog, so no
+    // apply can race a supervisor being restarted here.
     {
         let engine = Arc::clone(&engine);
-        tokio::task::spawn_blocking(move || {
+        let res = tokio::task::spawn_blocking(move || {
             match engine.readopt() {
                 Ok(notes) => notes.iter().for_each(|n| tracing::info!("{n}")),
                 Err(e) => tracing::error!("re-adopting guests: {e}"),
@@ -66,7 +68,11 @@ pub async fn serve(opts: Options) -> Result<(), DaemonError> {
             if let Err(e) = engine.refresh_firewall() {
                 tracing::warn!("restoring the firewall table: {e}");
             }
-        });
+        })
+        .await;
+        if let Err(e) = res {
+            tracing::error!("re-adoption task failed: {e}");
+        }
     }
 
     let app = http::router(engine);
