@@ -201,8 +201,25 @@ impl Engine {
 
     // ----- guests -----------------------------------------------------------
 
-    /// Records `g` as wanted, writes its config, and starts it if `start`.
-    /// On failure the guest is removed again, leaving the host as it was.
+    /// Records `g` (phase `creating`), writes its config, starts it if
+    /// `start`, and marks it `ready`. Shared by create and restart.
+    fn bring_up(&self, g: &Guest, start: bool, generation: i64) -> Result<(), EngineError> {
+        let run = if start {
+            RunState::Running
+        } else {
+            RunState::Stopped
+        };
+        self.put(g, run, Phase::Creating, generation)?;
+        self.write_config(g)?;
+        if start {
+            self.start_shim(g)?;
+        }
+        self.store.set_phase(&g.name, Phase::Ready)?;
+        Ok(())
+    }
+
+    /// Creates guest `g` and starts it if `start`. On failure the guest is
+    /// removed again, leaving the host as it was.
     pub fn create(
         &self,
         g: &Guest,
@@ -211,24 +228,8 @@ impl Engine {
         plan_id: i64,
     ) -> Result<(), EngineError> {
         self.step(plan_id, &g.name, "create", StepStatus::Started, "")?;
-        self.put(
-            g,
-            if start {
-                RunState::Running
-            } else {
-                RunState::Stopped
-            },
-            Phase::Creating,
-            generation,
-        )?;
-        self.write_config(g)?;
-        let res = if start { self.start_shim(g) } else { Ok(()) };
-        match res {
-            Ok(()) => {
-                self.store.set_phase(&g.name, Phase::Ready)?;
-                self.step(plan_id, &g.name, "create", StepStatus::Done, "")?;
-                Ok(())
-            }
+        match self.bring_up(g, start, generation) {
+            Ok(()) => self.step(plan_id, &g.name, "create", StepStatus::Done, ""),
             Err(e) => {
                 self.step(
                     plan_id,
@@ -256,24 +257,8 @@ impl Engine {
         self.step(plan_id, &new.name, "restart", StepStatus::Started, "")?;
         self.store.set_phase(&new.name, Phase::Creating)?;
         self.stop_shim(&new.name)?;
-        self.put(
-            new,
-            if start {
-                RunState::Running
-            } else {
-                RunState::Stopped
-            },
-            Phase::Creating,
-            generation,
-        )?;
-        self.write_config(new)?;
-        let res = if start { self.start_shim(new) } else { Ok(()) };
-        match res {
-            Ok(()) => {
-                self.store.set_phase(&new.name, Phase::Ready)?;
-                self.step(plan_id, &new.name, "restart", StepStatus::Done, "")?;
-                Ok(())
-            }
+        match self.bring_up(new, start, generation) {
+            Ok(()) => self.step(plan_id, &new.name, "restart", StepStatus::Done, ""),
             Err(e) => {
                 self.step(
                     plan_id,
@@ -284,16 +269,13 @@ impl Engine {
                 )?;
                 // Undo: the previous config, as it was.
                 let _ = self.stop_shim(&new.name);
-                let rec = self.store.guest(&old.name)?;
-                self.put(
-                    old,
-                    RunState::Running,
-                    Phase::Creating,
-                    rec.map(|r| r.generation).unwrap_or(generation),
-                )?;
-                self.write_config(old)?;
-                if self.start_shim(old).is_ok() {
-                    self.store.set_phase(&old.name, Phase::Ready)?;
+                let before = self
+                    .store
+                    .guest(&old.name)?
+                    .map(|r| r.generation)
+                    .unwrap_or(generation);
+                if let Err(undo) = self.bring_up(old, true, before) {
+                    tracing::warn!(guest = %old.name, "bringing back the previous config failed: {undo}");
                 }
                 Err(e)
             }

@@ -128,42 +128,38 @@ async fn one(
     Ok(Json(blocking(move || e.info(&name)).await?))
 }
 
-async fn start(
-    State(app): State<App>,
-    Path(name): Path<String>,
+/// A lifecycle action on one guest, under the apply lock; answers the guest.
+async fn guest_action(
+    app: App,
+    name: String,
+    act: impl FnOnce(&Engine, &str) -> Result<(), EngineError> + Send + 'static,
 ) -> Result<Json<GuestInfo>, ApiError> {
     let _g = app.apply_lock.lock().await;
     let e = app.engine.clone();
     Ok(Json(
-        blocking(move || e.start(&name).and_then(|()| e.info(&name))).await?,
+        blocking(move || act(&e, &name).and_then(|()| e.info(&name))).await?,
     ))
+}
+
+async fn start(
+    State(app): State<App>,
+    Path(name): Path<String>,
+) -> Result<Json<GuestInfo>, ApiError> {
+    guest_action(app, name, |e, n| e.start(n)).await
 }
 
 async fn stop(
     State(app): State<App>,
     Path(name): Path<String>,
 ) -> Result<Json<GuestInfo>, ApiError> {
-    let _g = app.apply_lock.lock().await;
-    let e = app.engine.clone();
-    Ok(Json(
-        blocking(move || e.stop(&name).and_then(|()| e.info(&name))).await?,
-    ))
+    guest_action(app, name, |e, n| e.stop(n)).await
 }
 
 async fn restart(
     State(app): State<App>,
     Path(name): Path<String>,
 ) -> Result<Json<GuestInfo>, ApiError> {
-    let _g = app.apply_lock.lock().await;
-    let e = app.engine.clone();
-    Ok(Json(
-        blocking(move || {
-            e.stop(&name)
-                .and_then(|()| e.start(&name))
-                .and_then(|()| e.info(&name))
-        })
-        .await?,
-    ))
+    guest_action(app, name, |e, n| e.stop(n).and_then(|()| e.start(n))).await
 }
 
 async fn destroy_one(

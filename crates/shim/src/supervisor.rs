@@ -492,26 +492,7 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
         .stdin(Stdio::null())
         .stdout(console.try_clone().map_err(|e| e.to_string())?)
         .stderr(console);
-    // SAFETY: the closure runs between fork and exec and only makes
-    // async-signal-safe calls (write(2), sigprocmask(2), prctl(2)); `fds`
-    // stay open in the parent until spawn() returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            berth_container::cgroup::join_from_pre_exec(&fds)?;
-            let empty = SigSet::empty();
-            nix::sys::signal::sigprocmask(
-                nix::sys::signal::SigmaskHow::SIG_SETMASK,
-                Some(&empty),
-                None,
-            )
-            .map_err(std::io::Error::from)?;
-            // If the shim dies, nspawn is told to stop its container cleanly.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    guest_process(&mut cmd, fds);
     let mut child = cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             "systemd-nspawn not found: install systemd-container".to_string()
@@ -524,16 +505,7 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
     shared.update(|s| s.runner_pid = Some(runner));
     let stopped = |shared: &Shared| shared.stop.load(Ordering::SeqCst);
 
-    let fail = |child: &mut Child, msg: String| -> String {
-        let _ = child.kill();
-        let _ = child.wait();
-        let tail = tail_lines(&paths.console_log(), 5);
-        if tail.is_empty() {
-            msg
-        } else {
-            format!("{msg}; last output: {tail}")
-        }
-    };
+    let fail = |child: &mut Child, msg: String| abort_start(child, &paths.console_log(), msg);
     if stopped(shared) {
         return Err(fail(&mut child, "stopped while starting".into()));
     }
@@ -632,6 +604,44 @@ pub(crate) fn link_of(cfg: &Guest) -> berth_net::GuestLink {
         host4: cfg.host4,
         guest6: cfg.addr6,
         host6: cfg.host6,
+    }
+}
+
+/// Makes `cmd` a supervised guest process: between fork and exec it joins
+/// the guest's cgroups (`cgroup_fds`, see `Cgroup::procs_files`), unblocks
+/// the signals the shim blocks for itself, and asks for SIGTERM when the
+/// shim dies (nspawn then stops its container cleanly; QEMU quits).
+pub(crate) fn guest_process(cmd: &mut Command, cgroup_fds: Vec<i32>) {
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe calls (write(2), sigprocmask(2), prctl(2)); the
+    // caller keeps `cgroup_fds` open until spawn() returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            berth_container::cgroup::join_from_pre_exec(&cgroup_fds)?;
+            nix::sys::signal::sigprocmask(
+                nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                Some(&SigSet::empty()),
+                None,
+            )
+            .map_err(std::io::Error::from)?;
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Ends a guest process that failed to start and says why, with the last
+/// lines of its console.
+pub(crate) fn abort_start(child: &mut Child, console_log: &Path, msg: String) -> String {
+    let _ = child.kill();
+    let _ = child.wait();
+    let tail = tail_lines(console_log, 5);
+    if tail.is_empty() {
+        msg
+    } else {
+        format!("{msg}; last output: {tail}")
     }
 }
 

@@ -19,7 +19,6 @@ use std::time::Duration;
 use berth_container::Cgroup;
 use berth_spec::Guest;
 use berth_spec::vm::{AccelChoice, Firmware, Machine, Vm};
-use nix::sys::signal::SigSet;
 
 use crate::paths::GuestPaths;
 
@@ -186,26 +185,15 @@ pub fn start(
         .stdout(console.try_clone().map_err(|e| e.to_string())?)
         .stderr(console);
     berth_vm::inherit_fd(&mut cmd, tap_raw, 3);
-    // SAFETY: between fork and exec only async-signal-safe calls: umask(2),
-    // write(2), sigprocmask(2), prctl(2). `fds` stay open in the parent
-    // until spawn() returns.
+    // SAFETY: umask(2) is async-signal-safe and touches no memory.
     unsafe {
-        cmd.pre_exec(move || {
-            // QEMU's sockets (QMP) are created 0600: only root talks to it.
+        // QEMU's sockets (QMP) are created 0600: only root talks to it.
+        cmd.pre_exec(|| {
             libc::umask(0o177);
-            berth_container::cgroup::join_from_pre_exec(&fds)?;
-            nix::sys::signal::sigprocmask(
-                nix::sys::signal::SigmaskHow::SIG_SETMASK,
-                Some(&SigSet::empty()),
-                None,
-            )
-            .map_err(std::io::Error::from)?;
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
             Ok(())
         });
     }
+    crate::supervisor::guest_process(&mut cmd, fds);
     let mut child = cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             "qemu-system-x86_64 not found: install qemu-system-x86".to_string()
@@ -215,15 +203,8 @@ pub fn start(
     })?;
     drop(procs);
     drop(tap);
-    let fail = |child: &mut Child, msg: String| -> String {
-        let _ = child.kill();
-        let _ = child.wait();
-        let tail = crate::supervisor::tail_lines(&paths.console_log(), 5);
-        if tail.is_empty() {
-            msg
-        } else {
-            format!("{msg}; last output: {tail}")
-        }
+    let fail = |child: &mut Child, msg: String| {
+        crate::supervisor::abort_start(child, &paths.console_log(), msg)
     };
     let mut qmp = match berth_vm::Qmp::connect(&qmp_path, Duration::from_secs(30)) {
         Ok(q) => q,
