@@ -201,7 +201,7 @@ printf 'berth-vm-fixture\n' >"$root/www/index.html"
 # module that needs them). Built-in or absent ones are skipped.
 wanted="virtio_ring virtio virtio_mmio failover net_failover virtio_net virtio_blk
 virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-crc16 mbcache jbd2 crc32c_generic ext4"
+crc16 mbcache jbd2 crc32c_generic ext4 evdev button"
 order=
 builtin_list=$moddir/modules.builtin
 
@@ -391,6 +391,20 @@ if [ -n "$fetch" ] && [ -n "$client" ]; then
         say "spoof test: $(cat /www/spoof.html)"
     ) &
 fi
+
+# ACPI power button (QMP system_powerdown): power off at once, so a stop is
+# graceful instead of waiting for the supervisor's timeout.
+for e in /sys/class/input/event*; do
+    if grep -q "Power Button" "$e/device/name" 2>/dev/null; then
+        (
+            dd if="/dev/input/${e##*/}" bs=24 count=1 >/dev/null 2>&1
+            say "power button: powering off"
+            sync
+            poweroff -f
+        ) &
+        break
+    fi
+done
 
 while true; do
     setsid cttyhack sh

@@ -268,11 +268,27 @@ fn vm_pinning_and_q35_disk_boot() {
     // q35 booted from its virtio-blk disk into userspace there.
     let body = wait_http(&b, "http://10.72.0.31/");
     assert!(body.contains("berth-vm-fixture"), "{body}");
-    let console = std::fs::read_to_string(b.state.join(format!("guests/{vq}/console.log")))
-        .unwrap_or_default();
+    let console_log = b.state.join(format!("guests/{vq}/console.log"));
+    let console = std::fs::read_to_string(&console_log).unwrap_or_default();
     assert!(
         console.contains("berth-fixture: disk root"),
         "q35 did not reach the disk root:\n{console}"
+    );
+
+    // A stop is graceful: ACPI power button, the guest powers itself off
+    // (the fixture's /init), and QEMU exits 0 without waiting for the timeout.
+    b.cli_ok(&["stop", &vq]);
+    let console = std::fs::read_to_string(&console_log).unwrap_or_default();
+    assert!(
+        console.contains("power button: powering off"),
+        "no ACPI power-off seen:\n{console}"
+    );
+    let g = b.guest(&vq);
+    assert_eq!(g.state, "stopped");
+    assert_eq!(
+        g.last_exit.as_deref(),
+        Some("exited with status 0"),
+        "{g:?}"
     );
 }
 
