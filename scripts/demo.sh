@@ -1,6 +1,7 @@
 #!/bin/sh
 # berth demo: installs what berth needs, builds it, and applies examples/demo.toml
-# (two containers serving HTTP on a routed network) inside a throw-away network
+# (two containers and a QEMU microVM serving HTTP on a routed network; the VM
+# boots Debian's kernel with a busybox initramfs) inside a throw-away network
 # namespace, so your machine's own interfaces, routes and firewall stay as they
 # are.
 #
@@ -53,9 +54,10 @@ if [ "${SKIP_INSTALL:-0}" != 1 ]; then
     if command -v apt-get >/dev/null 2>&1; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            systemd-container nftables iproute2 busybox-static curl ca-certificates gcc libc6-dev >/dev/null
+            systemd-container nftables iproute2 busybox-static curl ca-certificates gcc libc6-dev \
+            qemu-system-x86 qemu-utils cpio e2fsprogs file >/dev/null
     elif [ -e /etc/NIXOS ]; then
-        for t in systemd-nspawn nft ip curl busybox; do
+        for t in systemd-nspawn nft ip curl busybox qemu-system-x86_64; do
             command -v $t >/dev/null 2>&1 || die "$t missing: run inside \`nix-shell -p nftables iproute2 busybox curl\` (systemd-nspawn comes with systemd)"
         done
     else
@@ -70,6 +72,9 @@ cargo build --release --quiet -p berth
 say "building a busybox rootfs for the containers"
 mkdir -p "$dir"
 sh scripts/mk-busybox-rootfs.sh "$dir/rootfs-busybox" >/dev/null
+
+say "building the demo VM image (Debian kernel + busybox initramfs)"
+sh scripts/mk-vm-fixture.sh "$dir/vm" >/dev/null
 
 say "creating network namespaces: $host_ns (plays the host) and $out_ns (plays the internet)"
 clean
@@ -86,7 +91,15 @@ ip -n $host_ns route add default via 198.51.100.2
 
 sed -e "s|^uplink = \"eth0\"|uplink = \"up0\"|" \
     -e "s|/var/lib/berth/rootfs/busybox|$dir/rootfs-busybox|" \
+    -e "s|/var/lib/berth/images/|$dir/vm/|" \
     examples/demo.toml > "$dir/demo.toml"
+
+# Nested KVM is often unreliable (a guest kernel can hang under it): when
+# this machine is itself a VM, the demo runs its VM under TCG.
+if grep -qw hypervisor /proc/cpuinfo && [ -z "${BERTH_ACCEL:-}" ]; then
+    export BERTH_ACCEL=tcg
+    echo "this machine is a VM: the demo VM runs under TCG (set BERTH_ACCEL=kvm to override)"
+fi
 
 say "starting the daemon (log: $dir/daemon.log)"
 # nsenter execs berth, so $! is the daemon's PID.
@@ -106,6 +119,12 @@ say "berth ps";       in_host "$berth" ps
 say "asking the guests over HTTP, from the host"
 in_host curl -sS --max-time 5 http://10.0.0.2/
 in_host curl -sS --max-time 5 "http://[fd42:b:e:1::3]/index.json"; echo
+echo "waiting for the VM to boot…"
+i=0
+until in_host curl -sS --max-time 2 http://10.0.0.4/ 2>/dev/null; do
+    i=$((i + 1)); [ $i -lt 120 ] || die "the VM did not answer; see $BERTH_STATE_DIR/guests/vm1/console.log"
+    sleep 1
+done
 
 cat <<EOF2
 
