@@ -127,10 +127,12 @@ impl Cgroup {
                 .filter(|c| self.layout.v2_has(c))
                 .collect();
             for c in &wanted {
-                // The root must delegate a controller before `berth/` can.
+                // Best effort: the root must delegate a controller before
+                // `berth/` can (it may not, e.g. in a delegated subtree).
+                // What did not get enabled shows up as a missing
+                // `memory.max`/`cpu.max`, and set_limits falls back or warns.
                 let _ = write_file(&root.join("cgroup.subtree_control"), &format!("+{c}"));
-                let p = parent.join("cgroup.subtree_control");
-                write_file(&p, &format!("+{c}")).map_err(io(&p, "enable controller"))?;
+                let _ = write_file(&parent.join("cgroup.subtree_control"), &format!("+{c}"));
             }
         }
         for d in self.dirs() {
@@ -149,7 +151,7 @@ impl Cgroup {
         let mut warnings = Vec::new();
         if let Some(bytes) = memory {
             match (&self.v2, &self.v1_memory) {
-                (Some(d), _) if self.layout.v2_has("memory") => {
+                (Some(d), _) if d.join("memory.max").exists() => {
                     let p = d.join("memory.max");
                     write_file(&p, &bytes.to_string()).map_err(io(&p, "set memory.max"))?;
                     let p = d.join("memory.swap.max");
@@ -169,7 +171,7 @@ impl Cgroup {
         if let Some(cpus) = cpus {
             let quota = ((cpus * CPU_PERIOD_US as f64).round() as u64).max(1000);
             match (&self.v2, &self.v1_cpu) {
-                (Some(d), _) if self.layout.v2_has("cpu") => {
+                (Some(d), _) if d.join("cpu.max").exists() => {
                     let p = d.join("cpu.max");
                     write_file(&p, &format!("{quota} {CPU_PERIOD_US}"))
                         .map_err(io(&p, "set cpu.max"))?;
@@ -208,6 +210,11 @@ impl Cgroup {
             .find_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
     }
 
+    /// The guest's v2 group has this interface file (its controller is on).
+    fn v2_file(&self, name: &str) -> bool {
+        self.v2.as_ref().is_some_and(|d| d.join(name).exists())
+    }
+
     /// Opens the `cgroup.procs` files a guest must join, so a child can join
     /// them between fork and exec with nothing but `write(2)` (see
     /// [`join_from_pre_exec`]): always the v2 group (kill, accounting), the
@@ -218,11 +225,11 @@ impl Cgroup {
         let v1_memory = self
             .v1_memory
             .as_ref()
-            .filter(|_| memory && !self.layout.v2_has("memory"));
+            .filter(|_| memory && !self.v2_file("memory.max"));
         let v1_cpu = self
             .v1_cpu
             .as_ref()
-            .filter(|_| cpu && !self.layout.v2_has("cpu"));
+            .filter(|_| cpu && !self.v2_file("cpu.max"));
         self.v2
             .iter()
             .chain(v1_memory)
