@@ -300,3 +300,50 @@ fn daemon_killed_mid_apply_converges_without_leaks() {
         .collect();
     assert!(left.is_empty(), "processes left: {left:?}");
 }
+
+#[test]
+fn supervisor_killed_then_apply_brings_the_guest_back_cleanly() {
+    if !require(
+        "supervisor_killed_then_apply_brings_the_guest_back_cleanly",
+        CAPS,
+    ) {
+        return;
+    }
+    let tag = unique_tag("sk");
+    let b = Berth::new(&tag);
+    let rootfs = busybox_rootfs();
+    let name = format!("{tag}-s");
+    let file = b.write(
+        "spec.toml",
+        &spec(b.net.uplink(), 64, &container(&name, 7, &rootfs, "")),
+    );
+    let file = file.to_str().expect("utf8");
+    b.cli_ok(&["apply", "--yes", file]);
+    let before = b.guest(&name);
+    let (shim, leader) = (
+        before.shim_pid.expect("shim pid"),
+        before.pid.expect("leader"),
+    );
+
+    // kill -9 the supervisor: its container goes with it (parent-death
+    // signal), and ps says the guest is missing.
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &shim.to_string()])
+        .status();
+    let gone = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        (!std::path::Path::new(&format!("/proc/{leader}")).exists()).then_some(())
+    });
+    assert!(gone.is_some(), "container outlived its supervisor");
+    assert_eq!(b.guest(&name).state, "missing");
+
+    // The next apply starts it again: one link, answering, nothing leaked.
+    let plan = b.cli_ok(&["plan", file]);
+    assert!(plan.contains("start"), "{plan}");
+    b.cli_ok(&["apply", "--yes", file]);
+    let after = b.guest(&name);
+    assert_eq!(after.state, "running");
+    assert_ne!(after.pid, Some(leader));
+    assert!(b.curl("http://10.64.0.7/").is_ok());
+    let links = lines_in_host(&b.net, "ip", &["-o", "link", "show"]);
+    assert_eq!(links.matches(": vb7").count(), 1, "{links}");
+}
