@@ -325,3 +325,37 @@ fn too_few_hugepages_fails_before_anything_starts() {
     assert!(b.ps().is_empty());
     assert!(!lines_in_host(&b.net, "ip", &["-o", "link", "show"]).contains("vb5"));
 }
+
+#[test]
+fn uefi_q35_boots_with_its_own_variable_store() {
+    if !require("uefi_q35_boots_with_its_own_variable_store", CAPS) {
+        return;
+    }
+    if !std::path::Path::new("/usr/share/OVMF/OVMF_CODE.fd").exists() {
+        assert!(
+            std::env::var("BERTH_E2E_REQUIRED").as_deref() != Ok("1"),
+            "OVMF is not installed (apt-get install ovmf)"
+        );
+        eprintln!("skip uefi_q35_boots_with_its_own_variable_store: OVMF is not installed");
+        return;
+    }
+    let fx = vm_fixture().expect("VM fixture");
+    let tag = unique_tag("ue");
+    let b = Berth::new(&tag);
+    let name = format!("{tag}-u");
+    let g = format!(
+        "[guest.{name}]\nkind = \"vm\"\nindex = 40\nmachine = \"q35\"\nfirmware = \"uefi\"\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 panic=-1\"\nstop_timeout = \"2s\"\n",
+        fx.kernel.display(),
+        fx.initrd.display()
+    );
+    let file = b.write("uefi.toml", &spec(b.net.uplink(), 75, &g));
+    b.cli_ok(&["apply", "--yes", file.to_str().expect("utf8")]);
+    let body = wait_http(&b, "http://10.75.0.40/");
+    assert!(body.contains("berth-vm-fixture"), "{body}");
+    let vars = b.state.join(format!("guests/{name}/OVMF_VARS.fd"));
+    assert!(
+        vars.exists(),
+        "no per-guest UEFI variable store at {}",
+        vars.display()
+    );
+}

@@ -116,6 +116,25 @@ pub fn start(
         ),
         Firmware::Bios => None,
     };
+    // UEFI variables (boot entries an installer writes) persist per guest:
+    // a copy of the VARS template that matches the CODE image.
+    let ovmf_vars = match &ovmf {
+        Some(code) => {
+            let template = code.with_file_name(
+                code.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .replace("CODE", "VARS"),
+            );
+            let vars = paths.dir.join("OVMF_VARS.fd");
+            if !vars.exists() && template.exists() {
+                std::fs::copy(&template, &vars)
+                    .map_err(|e| format!("copying UEFI variables {}: {e}", template.display()))?;
+            }
+            vars.exists().then_some(vars)
+        }
+        None => None,
+    };
     // Cgroup: the whole QEMU process, guest RAM plus QEMU's own overhead.
     let cg = Cgroup::for_guest(&cfg.name);
     cg.kill_all(Duration::from_secs(5))
@@ -164,7 +183,7 @@ pub fn start(
             Firmware::Uefi => berth_vm::Firmware::Uefi,
         },
         ovmf_code: ovmf,
-        ovmf_vars: None,
+        ovmf_vars,
         hugepages: vm.hugepages,
         mac: berth_vm::mac_for_index(cfg.index),
         tap_fd: 3,
