@@ -62,7 +62,6 @@ struct Shared {
     /// Connections waiting for the final state (stop requests).
     waiters: Mutex<Vec<UnixStream>>,
     paths: GuestPaths,
-    stop_timeout: Duration,
     /// The guest config in force (reloaded for live changes).
     cfg: Mutex<Guest>,
     /// A VM's QMP connection while QEMU runs.
@@ -72,6 +71,16 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, ShimStatus> {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// From the config in force, so a live change applies to the next stop.
+    fn stop_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.cfg
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .stop_timeout_ms,
+        )
     }
 
     fn config(&self) -> Guest {
@@ -118,7 +127,7 @@ impl Shared {
         });
         log(&format!(
             "stop requested; stopping guest (timeout {:?})",
-            self.stop_timeout
+            self.stop_timeout()
         ));
         let is_vm = self.config().kind == GuestKind::Vm;
         if let (Some(pid), false, true) = (runner, starting, is_vm) {
@@ -128,7 +137,7 @@ impl Shared {
             }
             let me = Arc::clone(self);
             std::thread::spawn(move || {
-                std::thread::sleep(me.stop_timeout);
+                std::thread::sleep(me.stop_timeout());
                 if process::alive(pid) && me.lock().runner_pid == Some(pid) {
                     log("stop timeout reached; quitting QEMU");
                     if let Some(q) = me.qmp.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
@@ -152,7 +161,7 @@ impl Shared {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             let me = Arc::clone(self);
             std::thread::spawn(move || {
-                std::thread::sleep(me.stop_timeout);
+                std::thread::sleep(me.stop_timeout());
                 let s = me.lock();
                 if s.runner_pid == Some(pid) && process::alive(pid) {
                     drop(s);
@@ -223,7 +232,6 @@ pub fn run(state_dir: &Path, guest: &str) -> Result<(), ShimError> {
         stop: AtomicBool::new(false),
         waiters: Mutex::new(Vec::new()),
         paths: paths.clone(),
-        stop_timeout: Duration::from_millis(cfg.stop_timeout_ms),
         cfg: Mutex::new(cfg.clone()),
         qmp: Mutex::new(None),
     });
