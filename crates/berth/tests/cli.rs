@@ -318,7 +318,7 @@ fn running_server_conforms_to_openapi() {
         (
             "POST",
             "/v1/guests/nope/start",
-            Some("{}"),
+            None,
             "/v1/guests/{name}/start",
         ),
         ("DELETE", "/v1/guests/nope", None, "/v1/guests/{name}"),
