@@ -344,3 +344,34 @@ fn running_server_conforms_to_openapi() {
     let (status, body, _) = daemon.http("POST", "/v1/plan", Some(&bad));
     assert_eq!(status, 422, "{body}");
 }
+
+#[test]
+fn daemon_tells_systemd_it_is_ready() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let notify = d.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut child = Command::new(BIN)
+        .arg("daemon")
+        .env("BERTH_STATE_DIR", d.path().join("state"))
+        .env("BERTH_SOCKET", d.path().join("berth.sock"))
+        .env("NOTIFY_SOCKET", &notify)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn daemon");
+    let mut buf = [0u8; 512];
+    let got = sock.recv(&mut buf);
+    // Ready means the API answers.
+    let serving = UnixStream::connect(d.path().join("berth.sock")).is_ok();
+    let _ = child.kill();
+    let _ = child.wait();
+    let msg = String::from_utf8_lossy(&buf[..got.expect("READY from the daemon")]).into_owned();
+    assert!(
+        msg.contains("READY=1") && msg.contains(&format!("MAINPID={}", child.id())),
+        "{msg}"
+    );
+    assert!(serving, "READY=1 before the socket accepts connections");
+}

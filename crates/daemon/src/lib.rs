@@ -75,6 +75,11 @@ pub async fn serve(opts: Options) -> Result<(), DaemonError> {
         }
     }
 
+    notify(&format!(
+        "READY=1\nMAINPID={}\nSTATUS=serving on {}",
+        std::process::id(),
+        opts.socket.display()
+    ));
     let app = http::router(engine);
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};
@@ -86,6 +91,7 @@ pub async fn serve(opts: Options) -> Result<(), DaemonError> {
         };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         tracing::info!("shutting down; guests keep running under their supervisors");
+        notify("STOPPING=1");
     };
     let res = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
@@ -122,4 +128,26 @@ fn bind(path: &Path) -> Result<tokio::net::UnixListener, DaemonError> {
         }
     })?;
     Ok(l)
+}
+
+/// sd_notify(3): tells systemd (a `Type=notify` unit) that the daemon is
+/// ready or stopping. Does nothing without `NOTIFY_SOCKET` (no systemd).
+fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let res = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), std::path::Path::new(&path))
+    };
+    if let Err(e) = res {
+        tracing::warn!("sd_notify to {}: {e}", path.to_string_lossy());
+    }
 }
