@@ -56,12 +56,11 @@ pub fn nspawn_argv(c: &NspawnConfig) -> Vec<String> {
     } else if c.read_only {
         v.push("--read-only".into());
     }
-    if c.register {
-        v.push("--register=yes".into());
-    } else {
-        v.push("--register=no".into());
-        v.push("--keep-unit".into());
-    }
+    // Always --keep-unit: the container stays in the cgroup the shim put it
+    // in (berth/<guest>: limits, kill), instead of a transient scope of its
+    // own; with systemd it is still registered with machined.
+    v.push("--keep-unit".into());
+    v.push(if c.register { "--register=yes" } else { "--register=no" }.into());
     for (k, val) in &c.env {
         v.push(format!("--setenv={k}={val}"));
     }
@@ -178,7 +177,7 @@ mod tests {
     fn argv_registers_when_systemd_runs() {
         let v = nspawn_argv(&cfg(true));
         assert!(v.iter().any(|a| a == "--register=yes"));
-        assert!(!v.iter().any(|a| a == "--keep-unit"));
+        assert!(v.iter().any(|a| a == "--keep-unit"), "never a scope of its own");
     }
 
     #[test]
