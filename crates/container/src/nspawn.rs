@@ -60,7 +60,14 @@ pub fn nspawn_argv(c: &NspawnConfig) -> Vec<String> {
     // in (berth/<guest>: limits, kill), instead of a transient scope of its
     // own; with systemd it is still registered with machined.
     v.push("--keep-unit".into());
-    v.push(if c.register { "--register=yes" } else { "--register=no" }.into());
+    v.push(
+        if c.register {
+            "--register=yes"
+        } else {
+            "--register=no"
+        }
+        .into(),
+    );
     for (k, val) in &c.env {
         v.push(format!("--setenv={k}={val}"));
     }
@@ -177,7 +184,10 @@ mod tests {
     fn argv_registers_when_systemd_runs() {
         let v = nspawn_argv(&cfg(true));
         assert!(v.iter().any(|a| a == "--register=yes"));
-        assert!(v.iter().any(|a| a == "--keep-unit"), "never a scope of its own");
+        assert!(
+            v.iter().any(|a| a == "--keep-unit"),
+            "never a scope of its own"
+        );
     }
 
     #[test]
