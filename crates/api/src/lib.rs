@@ -180,6 +180,21 @@ pub fn openapi() -> serde_json::Value {
                 "get": { "summary": "one guest", "operationId": "get_guest", "parameters": [name_param], "responses": { "200": ok(&guest, "the guest"), "404": err("no such guest") } },
                 "delete": { "summary": "destroy one guest", "operationId": "destroy_guest", "parameters": [name_param], "responses": { "200": ok(&destroy, "what was removed"), "404": err("no such guest"), "500": err("removal failed") } }
             },
+            "/v1/guests/{name}/logs": { "get": {
+                "summary": "the guest's console history (or its supervisor's events), optionally followed",
+                "operationId": "guest_logs",
+                "parameters": [
+                    name_param,
+                    { "name": "follow", "in": "query", "required": false, "schema": { "type": "boolean" }, "description": "keep the answer open and send what is appended" },
+                    { "name": "source", "in": "query", "required": false, "schema": { "type": "string", "enum": ["console", "supervisor"] } },
+                    { "name": "tail", "in": "query", "required": false, "schema": { "type": "integer", "minimum": 0 }, "description": "only the last N lines" }
+                ],
+                "responses": {
+                    "200": { "description": "raw bytes as the guest wrote them", "content": { "text/plain": { "schema": { "type": "string" } } } },
+                    "400": err("unknown source"),
+                    "404": err("no such guest")
+                }
+            } },
             "/v1/guests/{name}/start": action("Start"),
             "/v1/guests/{name}/stop": action("Stop"),
             "/v1/guests/{name}/restart": action("Restart"),

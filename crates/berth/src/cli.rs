@@ -71,6 +71,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show a guest's console output (stdout/stderr of a container, serial
+    /// console of a VM), or with --supervisor its supervisor's events.
+    Logs {
+        name: String,
+        /// Keep printing what the guest writes (Ctrl-C to stop).
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only the last N lines of what is there now.
+        #[arg(long, short = 'n')]
+        tail: Option<usize>,
+        /// The supervisor's lifecycle events (start, exit, restart, stop)
+        /// instead of the console.
+        #[arg(long)]
+        supervisor: bool,
+    },
     /// Start a stopped guest.
     Start { name: String },
     /// Stop a guest (it stays stopped until `start` or the next `apply`).
@@ -118,6 +133,12 @@ pub fn run() -> Result<ExitCode> {
         Cmd::Plan { file, json } => plan(&client, &file, json),
         Cmd::Apply { file, yes, json } => apply(&client, &file, yes, json),
         Cmd::Ps { json } => ps(&client, json),
+        Cmd::Logs {
+            name,
+            follow,
+            tail,
+            supervisor,
+        } => logs(&client, &name, follow, tail, supervisor),
         Cmd::Start { name } => guest_action(&client, &name, "start"),
         Cmd::Stop { name } => guest_action(&client, &name, "stop"),
         Cmd::Restart { name } => guest_action(&client, &name, "restart"),
@@ -405,6 +426,39 @@ fn ps(client: &Client, json: bool) -> Result<ExitCode> {
             g.addresses.join(" ")
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn logs(
+    client: &Client,
+    name: &str,
+    follow: bool,
+    tail: Option<usize>,
+    supervisor: bool,
+) -> Result<ExitCode> {
+    let mut path = format!(
+        "/v1/guests/{name}/logs?follow={follow}&source={}",
+        if supervisor { "supervisor" } else { "console" }
+    );
+    if let Some(n) = tail {
+        path.push_str(&format!("&tail={n}"));
+    }
+    let mut out = std::io::stdout().lock();
+    client
+        .get_stream(&path, &mut |d| {
+            if let Err(e) = out.write_all(d).and_then(|()| out.flush()) {
+                // The reader went away (`berth logs -f x | head`): done.
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    eprintln!("error: writing logs: {e}");
+                }
+                std::process::exit(if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    0
+                } else {
+                    1
+                });
+            }
+        })
+        .with_context(|| format!("logs of guest `{name}`"))?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -167,6 +167,21 @@ impl Client {
             .map_err(|e| ClientError::Protocol(format!("{e}: {}", String::from_utf8_lossy(&all))))
     }
 
+    /// GETs `path` and hands each piece of the body to `on_data` as it arrives.
+    pub fn get_stream(
+        &self,
+        path: &str,
+        on_data: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), ClientError> {
+        let (head, mut r) = self.send("GET", path, None)?;
+        if !(200..300).contains(&head.status) {
+            let mut all = Vec::new();
+            Self::read_body(&head, &mut r, &mut |d| all.extend_from_slice(d))?;
+            return Err(api_error(head.status, &all));
+        }
+        Self::read_body(&head, &mut r, on_data)
+    }
+
     /// POSTs and calls `on_line` for each line of an NDJSON answer.
     pub fn stream_lines(
         &self,

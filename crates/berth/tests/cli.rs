@@ -322,6 +322,7 @@ fn running_server_conforms_to_openapi() {
             "/v1/guests/{name}/start",
         ),
         ("DELETE", "/v1/guests/nope", None, "/v1/guests/{name}"),
+        ("GET", "/v1/guests/nope/logs", None, "/v1/guests/{name}/logs"),
         ("POST", "/v1/plan", Some(req.as_str()), "/v1/plan"),
         ("POST", "/v1/plan", Some("{\"spec\": 1}"), "/v1/plan"),
         ("POST", "/v1/plan", Some(bad.as_str()), "/v1/plan"),

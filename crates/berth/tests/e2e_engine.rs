@@ -347,3 +347,72 @@ fn supervisor_killed_then_apply_brings_the_guest_back_cleanly() {
     let links = lines_in_host(&b.net, "ip", &["-o", "link", "show"]);
     assert_eq!(links.matches(": vb7").count(), 1, "{links}");
 }
+
+#[test]
+fn logs_show_console_and_supervisor_and_follow() {
+    if !require("logs_show_console_and_supervisor_and_follow", CAPS) {
+        return;
+    }
+    let tag = unique_tag("lg");
+    let b = Berth::new(&tag);
+    let rootfs = busybox_rootfs();
+    let name = format!("{tag}-l");
+    let g = format!(
+        "[guest.{name}]\nkind = \"container\"\nindex = 8\nrootfs = \"{}\"\nephemeral = true\ncommand = [\"/bin/sh\", \"-c\", \"echo hello-from-guest; echo to-stderr >&2; i=0; while true; i=$((i+1)); do echo tick $i; sleep 0.2; done\"]\n",
+        rootfs.display()
+    );
+    let file = b.write("spec.toml", &spec(b.net.uplink(), 65, &g));
+    b.cli_ok(&["apply", "--yes", file.to_str().expect("utf8")]);
+    let console = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let out = b.cli_ok(&["logs", &name]);
+        out.contains("tick 2").then_some(out)
+    })
+    .expect("console output");
+    assert!(
+        console.contains("hello-from-guest") && console.contains("to-stderr"),
+        "{console}"
+    );
+    let sup = b.cli_ok(&["logs", "--supervisor", &name]);
+    assert!(sup.contains("guest running"), "{sup}");
+    let last = b.cli_ok(&["logs", "-n", "1", &name]);
+    assert_eq!(last.lines().count(), 1, "{last}");
+
+    // -f keeps printing what the guest writes.
+    let mut child = b
+        .cmd(&["logs", "-f", "-n", "0", &name])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("logs -f");
+    let mut out = child.stdout.take().expect("stdout");
+    // Read on a thread so a broken follow fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    while !seen.contains("tick") {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(s) => seen.push_str(&s),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.contains("tick"),
+        "follow printed nothing new: {seen:?}"
+    );
+
+    let out = b.cli(&["logs", "nosuchguest"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+}

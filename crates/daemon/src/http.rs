@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, State, rejection::JsonRejection};
+use axum::extract::{Path, Query, State, rejection::JsonRejection};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -39,6 +39,7 @@ pub fn router(engine: Arc<Engine>) -> axum::Router {
         .route("/v1/guests/{name}/start", post(start))
         .route("/v1/guests/{name}/stop", post(stop))
         .route("/v1/guests/{name}/restart", post(restart))
+        .route("/v1/guests/{name}/logs", get(logs))
         .route("/v1/plan", post(plan))
         .route("/v1/apply", post(apply))
         .fallback(|| async {
@@ -160,6 +161,110 @@ async fn restart(
     Path(name): Path<String>,
 ) -> Result<Json<GuestInfo>, ApiError> {
     guest_action(app, name, |e, n| e.stop(n).and_then(|()| e.start(n))).await
+}
+
+#[derive(serde::Deserialize)]
+struct LogsQuery {
+    /// Keep the answer open and send what is appended.
+    #[serde(default)]
+    follow: bool,
+    /// `console` (default): the guest's console/stdout; `supervisor`: its
+    /// shim's lifecycle events.
+    #[serde(default)]
+    source: Option<String>,
+    /// Only the last N lines of what is there now.
+    #[serde(default)]
+    tail: Option<usize>,
+}
+
+/// The guest's console history (or its supervisor's events), raw bytes,
+/// optionally followed.
+async fn logs(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let e = app.engine.clone();
+    let n = name.clone();
+    blocking(move || e.info(&n)).await?;
+    let paths = app.engine.paths(&name);
+    let file = match q.source.as_deref() {
+        None | Some("console") => paths.console_log(),
+        Some("supervisor") => paths.shim_log(),
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("unknown log source `{other}`; use console or supervisor"),
+            ));
+        }
+    };
+    let data = tokio::fs::read(&file).await.unwrap_or_default();
+    let start = match q.tail {
+        Some(n) => tail_offset(&data, n),
+        None => 0,
+    };
+    let first = data[start..].to_vec();
+    let offset = data.len() as u64;
+    let follow = q.follow;
+    let stream = futures::stream::unfold(
+        (Some(first), offset, file),
+        move |(first, mut offset, file)| async move {
+            if let Some(chunk) = first {
+                return Some((
+                    Ok::<_, std::convert::Infallible>(chunk),
+                    (None, offset, file),
+                ));
+            }
+            if !follow {
+                return None;
+            }
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                let Ok(meta) = tokio::fs::metadata(&file).await else {
+                    return None; // the guest was destroyed
+                };
+                if meta.len() < offset {
+                    offset = 0; // rotated
+                }
+                if meta.len() > offset {
+                    let chunk = read_from(&file, offset).await;
+                    let end = offset + chunk.len() as u64;
+                    return Some((Ok(chunk), (None, end, file)));
+                }
+            }
+        },
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// What `file` holds from byte `offset` on (empty on any error).
+async fn read_from(file: &std::path::Path, offset: u64) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut buf = Vec::new();
+    if let Ok(mut f) = tokio::fs::File::open(file).await
+        && f.seek(std::io::SeekFrom::Start(offset)).await.is_ok()
+    {
+        let _ = f.read_to_end(&mut buf).await;
+    }
+    buf
+}
+
+/// Byte offset where the last `n` lines of `data` begin.
+fn tail_offset(data: &[u8], n: usize) -> usize {
+    if n == 0 {
+        return data.len();
+    }
+    let body = data.strip_suffix(b"\n").unwrap_or(data);
+    body.iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, b)| **b == b'\n')
+        .nth(n - 1)
+        .map_or(0, |(i, _)| i + 1)
 }
 
 async fn destroy_one(
@@ -484,5 +589,18 @@ fn run_action(
             send(step(Some(name), &kind, StepStatus::Failed, msg.clone(), t));
             Err(msg)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tail_offset_counts_lines_from_the_end() {
+        let d = b"a\nb\nc\n";
+        assert_eq!(&d[super::tail_offset(d, 2)..], b"b\nc\n");
+        assert_eq!(&d[super::tail_offset(d, 9)..], d);
+        assert_eq!(&d[super::tail_offset(d, 1)..], b"c\n");
+        assert_eq!(super::tail_offset(d, 0), d.len());
+        assert_eq!(&b"x\ny"[super::tail_offset(b"x\ny", 1)..], b"y");
     }
 }
