@@ -113,6 +113,31 @@ pub enum StepStatus {
     RolledBack,
 }
 
+/// Body of `POST /v1/guests/{name}/exec`: run a command in the guest.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments, e.g. ["/bin/sh", "-c", "echo hi"].
+    pub argv: Vec<String>,
+    /// Bytes fed to the command's stdin, base64 (standard alphabet).
+    #[serde(default)]
+    pub stdin: String,
+    /// Kill the command after this many seconds (default 300).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// The outcome of an exec: exact bytes, base64, and the exit status.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ExecResponse {
+    /// Exit code, or 128 + signal number when the command was killed.
+    pub exit_code: i32,
+    /// stdout, base64 (standard alphabet).
+    pub stdout: String,
+    /// stderr, base64 (standard alphabet).
+    pub stderr: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct DestroyResponse {
     /// Guests removed.
@@ -146,6 +171,8 @@ pub fn openapi() -> serde_json::Value {
     let plan = r(generator.subschema_for::<PlanResponse>());
     let event = r(generator.subschema_for::<ApplyEvent>());
     let destroy = r(generator.subschema_for::<DestroyResponse>());
+    let exec_req = r(generator.subschema_for::<ExecRequest>());
+    let exec_resp = r(generator.subschema_for::<ExecResponse>());
     let error = r(generator.subschema_for::<ErrorBody>());
     let defs = generator.take_definitions(true);
 
@@ -193,6 +220,19 @@ pub fn openapi() -> serde_json::Value {
                     "200": { "description": "raw bytes as the guest wrote them", "content": { "text/plain": { "schema": { "type": "string" } } } },
                     "400": err("unknown source"),
                     "404": err("no such guest")
+                }
+            } },
+            "/v1/guests/{name}/exec": { "post": {
+                "summary": "run a command in a running guest and return its exact stdout, stderr and exit code",
+                "operationId": "exec",
+                "parameters": [name_param],
+                "requestBody": body(&exec_req),
+                "responses": {
+                    "200": ok(&exec_resp, "the command ran (whatever its exit code)"),
+                    "400": err("bad request (empty argv, stdin not base64)"),
+                    "404": err("no such guest"),
+                    "409": err("the guest is not running, or exec is not available for it"),
+                    "500": err("the command could not be run")
                 }
             } },
             "/v1/guests/{name}/start": action("Start"),

@@ -86,6 +86,19 @@ enum Cmd {
         #[arg(long)]
         supervisor: bool,
     },
+    /// Run a command in a running container and pass on its stdout, stderr
+    /// and exit code exactly (stdin is forwarded when it is not a terminal).
+    ///
+    ///   berth exec db1 -- cat /etc/os-release
+    Exec {
+        name: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+        /// Kill the command after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
     /// Start a stopped guest.
     Start { name: String },
     /// Stop a guest (it stays stopped until `start` or the next `apply`).
@@ -139,6 +152,11 @@ pub fn run() -> Result<ExitCode> {
             tail,
             supervisor,
         } => logs(&client, &name, follow, tail, supervisor),
+        Cmd::Exec {
+            name,
+            argv,
+            timeout,
+        } => exec(&client, &name, argv, timeout),
         Cmd::Start { name } => guest_action(&client, &name, "start"),
         Cmd::Stop { name } => guest_action(&client, &name, "stop"),
         Cmd::Restart { name } => guest_action(&client, &name, "restart"),
@@ -460,6 +478,29 @@ fn logs(
         })
         .with_context(|| format!("logs of guest `{name}`"))?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn exec(client: &Client, name: &str, argv: Vec<String>, timeout: u64) -> Result<ExitCode> {
+    use base64::Engine as _;
+    use std::io::Read;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut stdin = Vec::new();
+    if !std::io::stdin().is_terminal() {
+        std::io::stdin()
+            .read_to_end(&mut stdin)
+            .context("reading stdin")?;
+    }
+    let body =
+        serde_json::json!({ "argv": argv, "stdin": b64.encode(&stdin), "timeout_secs": timeout });
+    let r: berth_api::ExecResponse = client
+        .call("POST", &format!("/v1/guests/{name}/exec"), Some(&body))
+        .with_context(|| format!("exec in guest `{name}`"))?;
+    let out = b64.decode(&r.stdout).context("decoding stdout")?;
+    let err = b64.decode(&r.stderr).context("decoding stderr")?;
+    std::io::stdout().write_all(&out)?;
+    std::io::stdout().flush()?;
+    std::io::stderr().write_all(&err)?;
+    Ok(ExitCode::from(u8::try_from(r.exit_code).unwrap_or(255)))
 }
 
 fn guest_action(client: &Client, name: &str, verb: &str) -> Result<ExitCode> {

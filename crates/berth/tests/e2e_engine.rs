@@ -416,3 +416,103 @@ fn logs_show_console_and_supervisor_and_follow() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
 }
+
+#[test]
+fn exec_in_a_container_is_exact() {
+    if !require("exec_in_a_container_is_exact", CAPS) {
+        return;
+    }
+    let tag = unique_tag("xc");
+    let b = Berth::new(&tag);
+    let rootfs = busybox_rootfs();
+    let name = format!("{tag}-x");
+    let file = b.write(
+        "spec.toml",
+        &spec(
+            b.net.uplink(),
+            66,
+            &container(&name, 9, &rootfs, "env = { GREETING = \"hej\" }"),
+        ),
+    );
+    b.cli_ok(&["apply", "--yes", file.to_str().expect("utf8")]);
+
+    // stdout, stderr and exit code, exactly; the container's env and root.
+    let out = b.cli(&[
+        "exec",
+        &name,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo out $GREETING; echo err >&2; cat /www/index.html; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "out hej\nberth-fixture\n"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr)
+            .trim_end()
+            .lines()
+            .last(),
+        Some("err")
+    );
+    let ok = b.cli(&["exec", &name, "--", "/bin/true"]);
+    assert_eq!(ok.status.code(), Some(0));
+
+    // 1 MiB of random bytes, intact: the guest prints its md5 on stderr.
+    let big = b.cli(&[
+        "exec",
+        &name,
+        "--",
+        "/bin/sh",
+        "-c",
+        "head -c 1048576 /dev/urandom > /tmp/r; md5sum /tmp/r >&2; cat /tmp/r",
+    ]);
+    assert!(big.status.success());
+    assert_eq!(big.stdout.len(), 1 << 20);
+    let mut md5 = std::process::Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("md5sum");
+    std::io::Write::write_all(md5.stdin.as_mut().expect("stdin"), &big.stdout).expect("write");
+    let host_sum = String::from_utf8_lossy(&md5.wait_with_output().expect("md5").stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let guest_sum = String::from_utf8_lossy(&big.stderr)
+        .split_whitespace()
+        .find(|w| w.len() == 32)
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(host_sum, guest_sum, "1 MiB output changed on the way");
+
+    // stdin is forwarded when it is not a terminal.
+    let mut child = b
+        .cmd(&["exec", &name, "--", "/bin/sh", "-c", "tr a-z A-Z"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("exec");
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), b"piped in\n").expect("write");
+    drop(child.stdin.take());
+    let piped = child.wait_with_output().expect("exec output");
+    assert_eq!(String::from_utf8_lossy(&piped.stdout), "PIPED IN\n");
+
+    // Bad input: a missing binary, a stopped guest, an unknown guest.
+    let missing = b.cli(&["exec", &name, "--", "/no/such/binary"]);
+    assert_eq!(
+        missing.status.code(),
+        Some(127),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    b.cli_ok(&["stop", &name]);
+    let stopped = b.cli(&["exec", &name, "--", "/bin/true"]);
+    assert!(!stopped.status.success());
+    assert!(String::from_utf8_lossy(&stopped.stderr).contains("not running"));
+    let unknown = b.cli(&["exec", "nosuchguest", "--", "/bin/true"]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("does not exist"));
+}

@@ -27,6 +27,9 @@ pub enum EngineError {
     Guest { guest: String, message: String },
     #[error("{0}")]
     Host(String),
+    /// The request is fine but the guest's state does not allow it.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl EngineError {
@@ -530,6 +533,104 @@ impl Engine {
             std::thread::sleep(Duration::from_millis(5));
         }
         Ok(())
+    }
+
+    /// Runs `argv` inside a running container (all its namespaces, as its
+    /// root user, with the container's environment) and returns the exit
+    /// code and the exact stdout and stderr bytes.
+    pub fn exec(
+        &self,
+        name: &str,
+        argv: &[String],
+        stdin: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(i32, Vec<u8>, Vec<u8>), EngineError> {
+        use std::io::{Read, Write};
+        use std::os::unix::process::ExitStatusExt;
+        let rec = self.record(name)?;
+        let g = self.applied(&rec)?;
+        if g.vm.is_some() {
+            return Err(EngineError::Conflict(format!(
+                "exec into VM `{name}` is not available yet (it needs a guest agent or the serial console channel); see its console with `berth logs {name}`"
+            )));
+        }
+        let live = client::status(&self.paths(name));
+        let Some(pid) = live
+            .as_ref()
+            .filter(|s| s.state == ShimState::Running)
+            .and_then(|s| s.leader_pid)
+        else {
+            let state = live.map(|s| s.state.as_str()).unwrap_or("stopped");
+            return Err(EngineError::Conflict(format!(
+                "guest `{name}` is not running ({state}); start it with `berth start {name}`"
+            )));
+        };
+        let mut child = std::process::Command::new("nsenter")
+            .arg(format!("--target={pid}"))
+            .args(["--all", "--"])
+            .args(argv)
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("HOME", "/root")
+            .envs(&g.env)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| EngineError::guest(name, format!("running nsenter (util-linux): {e}")))?;
+        let mut input = child.stdin.take();
+        let feeder = std::thread::spawn(move || {
+            if let Some(w) = input.as_mut() {
+                let _ = w.write_all(&stdin);
+            }
+        });
+        let reader = |r: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out = reader(
+            child
+                .stdout
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        );
+        let err = reader(
+            child
+                .stderr
+                .take()
+                .map(|r| Box::new(r) as Box<dyn Read + Send>),
+        );
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(EngineError::guest(
+                        name,
+                        format!("exec timed out after {timeout:?}; the command was killed"),
+                    ));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Err(e) => return Err(EngineError::guest(name, format!("waiting for exec: {e}"))),
+            }
+        };
+        let _ = feeder.join();
+        let stdout = out.join().unwrap_or_default();
+        let stderr = err.join().unwrap_or_default();
+        let code = status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        Ok((code, stdout, stderr))
     }
 
     /// At daemon start: guests that should run but whose shim is gone get a

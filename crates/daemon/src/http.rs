@@ -40,6 +40,7 @@ pub fn router(engine: Arc<Engine>) -> axum::Router {
         .route("/v1/guests/{name}/stop", post(stop))
         .route("/v1/guests/{name}/restart", post(restart))
         .route("/v1/guests/{name}/logs", get(logs))
+        .route("/v1/guests/{name}/exec", post(exec))
         .route("/v1/plan", post(plan))
         .route("/v1/apply", post(apply))
         .fallback(|| async {
@@ -72,6 +73,7 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> ApiError {
         let status = match e {
             EngineError::NoSuchGuest(_) => StatusCode::NOT_FOUND,
+            EngineError::Conflict(_) => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())
@@ -161,6 +163,33 @@ async fn restart(
     Path(name): Path<String>,
 ) -> Result<Json<GuestInfo>, ApiError> {
     guest_action(app, name, |e, n| e.stop(n).and_then(|()| e.start(n))).await
+}
+
+async fn exec(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    body: Result<Json<berth_api::ExecRequest>, JsonRejection>,
+) -> Result<Json<berth_api::ExecResponse>, ApiError> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let Json(req) = body?;
+    if req.argv.first().is_none_or(|p| p.is_empty()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "argv is empty: give the program and its arguments",
+        ));
+    }
+    let stdin = b64
+        .decode(&req.stdin)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("stdin is not base64: {e}")))?;
+    let timeout = std::time::Duration::from_secs(req.timeout_secs.unwrap_or(300));
+    let e = app.engine.clone();
+    let (code, out, err) = blocking(move || e.exec(&name, &req.argv, stdin, timeout)).await?;
+    Ok(Json(berth_api::ExecResponse {
+        exit_code: code,
+        stdout: b64.encode(out),
+        stderr: b64.encode(err),
+    }))
 }
 
 #[derive(serde::Deserialize)]
