@@ -6,6 +6,7 @@
 //! file under `<state>/guests/<name>/`.
 
 pub mod client;
+mod console;
 pub mod paths;
 pub mod proto;
 pub mod supervisor;

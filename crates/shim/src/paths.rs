@@ -30,6 +30,10 @@ impl GuestPaths {
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
+    /// Console clients attach here (see `console.rs`).
+    pub fn console_socket(&self) -> PathBuf {
+        self.dir.join("console.sock")
+    }
     /// The shim's own lifecycle log.
     pub fn shim_log(&self) -> PathBuf {
         self.dir.join("shim.log")

@@ -50,8 +50,6 @@ pub enum ShimError {
     Start(String),
 }
 
-/// Cap on `console.log` before it is rotated to `console.log.1` at a start.
-const CONSOLE_LOG_MAX: u64 = 16 << 20;
 /// A guest that ran this long resets the restart backoff.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
@@ -66,6 +64,8 @@ struct Shared {
     cfg: Mutex<Guest>,
     /// A VM's QMP connection while QEMU runs.
     qmp: Mutex<Option<berth_vm::Qmp>>,
+    /// The pty the guest runs on, its history and its clients.
+    console: Arc<crate::console::Console>,
 }
 
 impl Shared {
@@ -215,6 +215,11 @@ pub fn run(state_dir: &Path, guest: &str) -> Result<(), ShimError> {
     let _ = sigs.thread_block();
 
     let listener = bind_control(&paths.socket(), guest)?;
+    let console = crate::console::Console::open(paths.console_log(), &paths.console_socket())
+        .map_err(|source| ShimError::Socket {
+            path: paths.console_socket(),
+            source,
+        })?;
     let shared = Arc::new(Shared {
         status: Mutex::new(ShimStatus {
             guest: guest.to_owned(),
@@ -234,6 +239,7 @@ pub fn run(state_dir: &Path, guest: &str) -> Result<(), ShimError> {
         paths: paths.clone(),
         cfg: Mutex::new(cfg.clone()),
         qmp: Mutex::new(None),
+        console,
     });
     shared.update(|_| {});
     log(&format!(
@@ -269,6 +275,7 @@ pub fn run(state_dir: &Path, guest: &str) -> Result<(), ShimError> {
         let _ = w.write_all(line.as_bytes());
     }
     let _ = std::fs::remove_file(paths.socket());
+    let _ = std::fs::remove_file(paths.console_socket());
     log(&format!(
         "guest `{guest}` {}; shim exits",
         final_status.state.as_str()
@@ -390,10 +397,13 @@ fn supervise(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) {
                         at: now(),
                     },
                 };
+                // Its last words reach console.log before anyone asks why.
+                shared.console.drain();
                 log(&format!("guest {}", info.describe()));
                 Ok(info)
             }
             Err(msg) => {
+                shared.console.drain();
                 log(&format!("start failed: {msg}"));
                 Err(msg)
             }
@@ -477,8 +487,10 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
         log(&format!("warning: {w}"));
     }
 
-    let console =
-        open_console_log(&paths.console_log()).map_err(|e| format!("opening console log: {e}"))?;
+    let (stdin, stdout, stderr) = shared
+        .console
+        .stdio()
+        .map_err(|e| format!("console: {e}"))?;
     let argv = nspawn_argv(&NspawnConfig {
         machine: format!("berth-{}", cfg.name),
         rootfs: cfg.rootfs.clone(),
@@ -497,9 +509,9 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .envs(nspawn_env())
-        .stdin(Stdio::null())
-        .stdout(console.try_clone().map_err(|e| e.to_string())?)
-        .stderr(console);
+        .stdin(Stdio::from(stdin))
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr));
     guest_process(&mut cmd, fds);
     let mut child = cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -549,9 +561,11 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
 
 fn start_vm(cfg: &Guest, vm: &berth_spec::vm::Vm, shared: &Arc<Shared>) -> Result<Child, String> {
     let paths = &shared.paths;
-    let console =
-        open_console_log(&paths.console_log()).map_err(|e| format!("opening console log: {e}"))?;
-    let started = crate::vmrun::start(cfg, vm, paths, console)?;
+    let (stdin, stdout, stderr) = shared
+        .console
+        .stdio()
+        .map_err(|e| format!("console: {e}"))?;
+    let started = crate::vmrun::start(cfg, vm, paths, (stdin, stdout, stderr))?;
     let pid = started.child.id() as i32;
     for w in &started.warnings {
         log(&format!("warning: {w}"));
@@ -665,19 +679,6 @@ fn cleanup(cfg: &Guest) {
     if let Err(e) = berth_net::delete_link(&cfg.link) {
         log(&format!("cleanup: deleting {}: {e}", cfg.link));
     }
-}
-
-fn open_console_log(path: &Path) -> std::io::Result<std::fs::File> {
-    if std::fs::metadata(path)
-        .map(|m| m.len() > CONSOLE_LOG_MAX)
-        .unwrap_or(false)
-    {
-        let _ = std::fs::rename(path, path.with_extension("log.1"));
-    }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
 }
 
 /// The last `n` lines of a file, joined with " | ", for error messages.

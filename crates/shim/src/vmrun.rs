@@ -71,7 +71,7 @@ pub fn start(
     cfg: &Guest,
     vm: &Vm,
     paths: &GuestPaths,
-    console: std::fs::File,
+    stdio: (OwnedFd, OwnedFd, OwnedFd),
 ) -> Result<Started, String> {
     let mut warnings = Vec::new();
     let env = std::env::var("BERTH_ACCEL").ok();
@@ -200,9 +200,9 @@ pub fn start(
     let tap_raw = tap.as_raw_fd();
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(console.try_clone().map_err(|e| e.to_string())?)
-        .stderr(console);
+        .stdin(Stdio::from(stdio.0))
+        .stdout(Stdio::from(stdio.1))
+        .stderr(Stdio::from(stdio.2));
     berth_vm::inherit_fd(&mut cmd, tap_raw, 3);
     // SAFETY: umask(2) is async-signal-safe and touches no memory.
     unsafe {
