@@ -235,6 +235,21 @@ pub fn openapi() -> serde_json::Value {
                     "500": err("the command could not be run")
                 }
             } },
+            "/v1/guests/{name}/console": { "get": {
+                "summary": "attach to the guest's console (upgrades the connection to a raw byte stream)",
+                "description": "Send `Connection: Upgrade` and `Upgrade: berth-console`. After `101 Switching Protocols` the connection carries the console's recent history, then live output; in `write` mode the client's bytes are typed into the guest. One writer at a time, any number of readers. Ctrl-] is the CLI's detach key, not part of the protocol.",
+                "operationId": "console",
+                "parameters": [
+                    name_param,
+                    { "name": "mode", "in": "query", "required": false, "schema": { "type": "string", "enum": ["write", "read"] } }
+                ],
+                "responses": {
+                    "101": { "description": "switched to the raw console stream" },
+                    "400": err("unknown mode"),
+                    "404": err("no such guest"),
+                    "409": err("the guest is not running, or another client is writing")
+                }
+            } },
             "/v1/guests/{name}/start": action("Start"),
             "/v1/guests/{name}/stop": action("Stop"),
             "/v1/guests/{name}/restart": action("Restart"),

@@ -99,6 +99,15 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
+    /// Attach the terminal to a guest's console (container: its command's
+    /// terminal; VM: its serial port). Detach with Ctrl-] (as in telnet and
+    /// virsh). Several clients may watch; one at a time may type.
+    Console {
+        name: String,
+        /// Only watch; do not type.
+        #[arg(long)]
+        read_only: bool,
+    },
     /// Start a stopped guest.
     Start { name: String },
     /// Stop a guest (it stays stopped until `start` or the next `apply`).
@@ -157,6 +166,7 @@ pub fn run() -> Result<ExitCode> {
             argv,
             timeout,
         } => exec(&client, &name, argv, timeout),
+        Cmd::Console { name, read_only } => console(&cli.socket, &name, read_only),
         Cmd::Start { name } => guest_action(&client, &name, "start"),
         Cmd::Stop { name } => guest_action(&client, &name, "stop"),
         Cmd::Restart { name } => guest_action(&client, &name, "restart"),
@@ -501,6 +511,107 @@ fn exec(client: &Client, name: &str, argv: Vec<String>, timeout: u64) -> Result<
     std::io::stdout().flush()?;
     std::io::stderr().write_all(&err)?;
     Ok(ExitCode::from(u8::try_from(r.exit_code).unwrap_or(255)))
+}
+
+/// The byte that detaches from a console: Ctrl-].
+const DETACH: u8 = 0x1d;
+
+/// The terminal settings to restore when a console session ends, however it ends.
+static SAVED_TERMINAL: std::sync::Mutex<Option<nix::sys::termios::Termios>> =
+    std::sync::Mutex::new(None);
+
+fn restore_terminal() {
+    if let Ok(saved) = SAVED_TERMINAL.lock()
+        && let Some(t) = saved.as_ref()
+    {
+        restore_mode(t);
+    }
+}
+
+fn console(socket: &Path, name: &str, read_only: bool) -> Result<ExitCode> {
+    use std::io::Read;
+    let mut conn = crate::client::Client::new(socket)
+        .upgrade(
+            &format!(
+                "/v1/guests/{name}/console?mode={}",
+                if read_only { "read" } else { "write" }
+            ),
+            "berth-console",
+        )
+        .with_context(|| format!("console of guest `{name}`"))?;
+    let tty = std::io::stdin().is_terminal();
+    if tty
+        && let Ok(t) = raw_mode()
+        && let Ok(mut saved) = SAVED_TERMINAL.lock()
+    {
+        *saved = Some(t);
+    }
+    if tty {
+        eprint!(
+            "attached to {name}{}; detach with Ctrl-]\r\n",
+            if read_only { " (read-only)" } else { "" }
+        );
+    }
+    let mut from_guest = conn.try_clone().context("console connection")?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut out = std::io::stdout();
+        while let Ok(n) = from_guest.read(&mut buf) {
+            if n == 0 || out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+                break;
+            }
+        }
+        // The guest side went away (guest stopped, daemon gone).
+        restore_terminal();
+        std::process::exit(0);
+    });
+    let mut buf = [0u8; 1024];
+    let mut stdin = std::io::stdin();
+    loop {
+        let n = stdin.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            // Not a terminal and no more input: keep watching until the
+            // guest side closes (or Ctrl-C).
+            if !tty {
+                loop {
+                    std::thread::park();
+                }
+            }
+            break;
+        }
+        let data = &buf[..n];
+        let (send, detach) = match data.iter().position(|&b| b == DETACH) {
+            Some(i) => (&data[..i], true),
+            None => (data, false),
+        };
+        if !read_only && !send.is_empty() && conn.write_all(send).is_err() {
+            break;
+        }
+        if detach {
+            break;
+        }
+    }
+    let _ = conn.shutdown(std::net::Shutdown::Both);
+    if tty {
+        restore_terminal();
+        eprintln!("\r\ndetached from {name}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Puts the terminal on stdin in raw mode; returns what to restore.
+fn raw_mode() -> nix::Result<nix::sys::termios::Termios> {
+    use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+    let stdin = std::io::stdin();
+    let saved = tcgetattr(&stdin)?;
+    let mut raw = saved.clone();
+    cfmakeraw(&mut raw);
+    tcsetattr(&stdin, SetArg::TCSANOW, &raw)?;
+    Ok(saved)
+}
+
+fn restore_mode(t: &nix::sys::termios::Termios) {
+    let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, t);
 }
 
 fn guest_action(client: &Client, name: &str, verb: &str) -> Result<ExitCode> {

@@ -182,6 +182,54 @@ impl Client {
         Self::read_body(&head, &mut r, on_data)
     }
 
+    /// `GET path` with `Upgrade: protocol`; on `101 Switching Protocols`
+    /// returns the raw connection.
+    pub fn upgrade(&self, path: &str, protocol: &str) -> Result<UnixStream, ClientError> {
+        let mut s = UnixStream::connect(&self.socket).map_err(|source| ClientError::NoDaemon {
+            socket: self.socket.clone(),
+            source,
+        })?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: berth\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n"
+        )?;
+        // Read the head byte by byte: nothing after it may be swallowed.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte)? == 0 {
+                return Err(ClientError::Protocol(
+                    "the daemon closed the connection".into(),
+                ));
+            }
+            head.push(byte[0]);
+            if head.len() > 64 << 10 {
+                return Err(ClientError::Protocol("response head too long".into()));
+            }
+        }
+        let text = String::from_utf8_lossy(&head);
+        let status: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        if status == 101 {
+            return Ok(s);
+        }
+        let length = text
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().to_string())
+            })
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; length];
+        s.read_exact(&mut body)?;
+        Err(api_error(status, &body))
+    }
+
     /// POSTs and calls `on_line` for each line of an NDJSON answer.
     pub fn stream_lines(
         &self,

@@ -516,3 +516,115 @@ fn exec_in_a_container_is_exact() {
     let unknown = b.cli(&["exec", "nosuchguest", "--", "/bin/true"]);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("does not exist"));
 }
+
+/// A `berth console` client driven through pipes.
+struct ConsoleClient {
+    child: std::process::Child,
+    rx: std::sync::mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl ConsoleClient {
+    fn attach(b: &Berth, args: &[&str]) -> ConsoleClient {
+        let mut child = b
+            .cmd(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("berth console");
+        let mut out = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+                if n == 0
+                    || tx
+                        .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                        .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        ConsoleClient {
+            child,
+            rx,
+            seen: String::new(),
+        }
+    }
+
+    fn type_(&mut self, s: &[u8]) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        std::io::Write::write_all(stdin, s).expect("type");
+        std::io::Write::flush(stdin).expect("flush");
+    }
+
+    fn wait_for(&mut self, needle: &str) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !self.seen.contains(needle) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(s) => self.seen.push_str(&s),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    fn detach(mut self) -> std::process::ExitStatus {
+        self.type_(&[0x1d]);
+        self.child.wait().expect("console exit")
+    }
+}
+
+#[test]
+fn console_shows_output_takes_input_and_survives_the_daemon() {
+    if !require(
+        "console_shows_output_takes_input_and_survives_the_daemon",
+        CAPS,
+    ) {
+        return;
+    }
+    let tag = unique_tag("co");
+    let mut b = Berth::new(&tag);
+    let rootfs = busybox_rootfs();
+    let name = format!("{tag}-c");
+    let g = format!(
+        "[guest.{name}]\nkind = \"container\"\nindex = 11\nrootfs = \"{}\"\nephemeral = true\ncommand = [\"/bin/sh\", \"-c\", \"echo console-hello; exec /bin/sh -i\"]\n",
+        rootfs.display()
+    );
+    let file = b.write("spec.toml", &spec(b.net.uplink(), 67, &g));
+    b.cli_ok(&["apply", "--yes", file.to_str().expect("utf8")]);
+
+    // History on attach, and typed commands run in the guest.
+    let mut w = ConsoleClient::attach(&b, &["console", &name]);
+    assert!(w.wait_for("console-hello"), "no history: {:?}", w.seen);
+    // A watcher at the same time; a second writer is refused.
+    let mut r = ConsoleClient::attach(&b, &["console", "--read-only", &name]);
+    let busy = b.cli(&["console", &name]);
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("taken for writing"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    w.type_(b"echo typed-$((40+2))\n");
+    assert!(w.wait_for("typed-42"), "writer saw: {:?}", w.seen);
+    assert!(r.wait_for("typed-42"), "reader saw: {:?}", r.seen);
+    // exec works while the console is attached.
+    let out = b.cli(&["exec", &name, "--", "/bin/echo", "exec-ok"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "exec-ok\n");
+    assert!(w.detach().success());
+    assert!(r.detach().success());
+
+    // kill -9 the daemon: console and exec work again through a new one.
+    b.kill_daemon();
+    b.start_daemon();
+    let mut w = ConsoleClient::attach(&b, &["console", &name]);
+    w.type_(b"echo after-$((1+1))\n");
+    assert!(w.wait_for("after-2"), "{:?}", w.seen);
+    assert!(w.detach().success());
+    let out = b.cli(&["exec", &name, "--", "/bin/echo", "still"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "still\n");
+}

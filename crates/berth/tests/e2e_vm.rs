@@ -243,6 +243,50 @@ fn vm_pinning_and_q35_disk_boot() {
         "disk owner"
     );
 
+    // The serial console: boot output in its history, typed commands run.
+    wait_http(&b, "http://10.72.0.30/");
+    let mut con = std::process::Command::new(common::BIN)
+        .args(["console", &vp])
+        .env("BERTH_STATE_DIR", &b.state)
+        .env("BERTH_SOCKET", &b.socket)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("berth console");
+    let mut out = con.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let stdin = con.stdin.as_mut().expect("stdin");
+    std::io::Write::write_all(stdin, b"\necho vm-$((6*7))\n").expect("type");
+    let mut seen = String::new();
+    while !seen.contains("vm-42") {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(s) => seen.push_str(&s),
+            Err(_) => break,
+        }
+    }
+    std::io::Write::write_all(con.stdin.as_mut().expect("stdin"), &[0x1d]).expect("detach");
+    assert!(con.wait().expect("console exit").success());
+    assert!(
+        seen.contains("berth-fixture"),
+        "no boot output in the console history: {seen:?}"
+    );
+    assert!(
+        seen.contains("vm-42"),
+        "typed command did not run: {seen:?}"
+    );
+
     // Only berth's QMP socket, 0600.
     let qmp = b.state.join(format!("guests/{vp}/qmp.sock"));
     let mode = std::os::unix::fs::PermissionsExt::mode(

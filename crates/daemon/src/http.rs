@@ -41,6 +41,7 @@ pub fn router(engine: Arc<Engine>) -> axum::Router {
         .route("/v1/guests/{name}/restart", post(restart))
         .route("/v1/guests/{name}/logs", get(logs))
         .route("/v1/guests/{name}/exec", post(exec))
+        .route("/v1/guests/{name}/console", get(console))
         .route("/v1/plan", post(plan))
         .route("/v1/apply", post(apply))
         .fallback(|| async {
@@ -190,6 +191,83 @@ async fn exec(
         stdout: b64.encode(out),
         stderr: b64.encode(err),
     }))
+}
+
+#[derive(serde::Deserialize)]
+struct ConsoleQuery {
+    /// `write` (default: type into the guest; one writer at a time) or `read`.
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+/// Attaches to a guest's console: answers `101 Switching Protocols`
+/// (`Upgrade: berth-console`) and then relays raw bytes both ways between
+/// the client and the guest's supervisor, which owns the console. The
+/// daemon holds no console state: after a daemon restart, attach again.
+async fn console(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+    mut req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mode = match q.mode.as_deref() {
+        None | Some("write") => "write",
+        Some("read") => "read",
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("unknown console mode `{other}`; use write or read"),
+            ));
+        }
+    };
+    let e = app.engine.clone();
+    let n = name.clone();
+    blocking(move || e.info(&n)).await?;
+    let sock = app.engine.paths(&name).console_socket();
+    let conflict = |m: String| ApiError::new(StatusCode::CONFLICT, m);
+    let stream = tokio::net::UnixStream::connect(&sock).await.map_err(|_| {
+        conflict(format!(
+            "guest `{name}` has no console now (not running?); start it with `berth start {name}`"
+        ))
+    })?;
+    let mut stream = tokio::io::BufReader::new(stream);
+    stream
+        .get_mut()
+        .write_all(format!("{mode}\n").as_bytes())
+        .await
+        .map_err(|e| conflict(e.to_string()))?;
+    let mut answer = String::new();
+    stream
+        .read_line(&mut answer)
+        .await
+        .map_err(|e| conflict(e.to_string()))?;
+    match answer.trim() {
+        "ok" => {}
+        "busy" => {
+            return Err(conflict(format!(
+                "the console of `{name}` is taken for writing by another client; attach read-only with `berth console --read-only {name}`"
+            )));
+        }
+        other => {
+            return Err(conflict(format!(
+                "the supervisor refused the console: {other}"
+            )));
+        }
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = upgrade.await {
+            let mut client = hyper_util::rt::TokioIo::new(upgraded);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut stream).await;
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "berth-console")
+        .body(Body::empty())
+        .unwrap_or_default())
 }
 
 #[derive(serde::Deserialize)]
