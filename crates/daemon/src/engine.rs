@@ -550,9 +550,7 @@ impl Engine {
         let rec = self.record(name)?;
         let g = self.applied(&rec)?;
         if g.vm.is_some() {
-            return Err(EngineError::Conflict(format!(
-                "exec into VM `{name}` is not available yet (it needs a guest agent or the serial console channel); see its console with `berth logs {name}`"
-            )));
+            return self.exec_console(name, argv, &stdin, timeout);
         }
         let live = client::status(&self.paths(name));
         let Some(pid) = live
@@ -631,6 +629,71 @@ impl Engine {
             .code()
             .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
         Ok((code, stdout, stderr))
+    }
+
+    /// exec for guests reached only through their serial console (VMs): the
+    /// command is typed into the shell at the console prompt, with its
+    /// output redirected to files that are then printed base64-encoded
+    /// between markers the typed line itself cannot contain (they are built
+    /// by printf), so output is exact and binary-safe. Needs a POSIX shell
+    /// with `base64` at the console (busybox, FreeBSD/pfSense's sh + b64 via
+    /// base64 where present).
+    fn exec_console(
+        &self,
+        name: &str,
+        argv: &[String],
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> Result<(i32, Vec<u8>, Vec<u8>), EngineError> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let paths = self.paths(name);
+        let live = client::status(&paths);
+        if !live
+            .as_ref()
+            .is_some_and(|s| matches!(s.state, ShimState::Running | ShimState::Booting))
+        {
+            let state = live.map(|s| s.state.as_str()).unwrap_or("stopped");
+            return Err(EngineError::Conflict(format!(
+                "guest `{name}` is not running ({state}); start it with `berth start {name}`"
+            )));
+        }
+        let id = format!(
+            "{:x}{:x}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        );
+        let quote = |a: &str| format!("'{}'", a.replace('\'', "'\\''"));
+        let cmd: Vec<String> = argv.iter().map(|a| quote(a)).collect();
+        let input = if stdin.is_empty() {
+            String::new()
+        } else {
+            format!("printf '%s' {} | base64 -d | ", quote(&b64.encode(stdin)))
+        };
+        let (o, e) = (format!("/tmp/.berth-o-{id}"), format!("/tmp/.berth-e-{id}"));
+        let script = format!(
+            " {input}({}) {redir}>{o} 2>{e}; printf 'BERTH-%s-{id} %s\\n' RC $?; base64 {o}; printf 'BERTH-%s-{id}\\n' ERR; base64 {e}; printf 'BERTH-%s-{id}\\n' END; rm -f {o} {e}\n",
+            cmd.join(" "),
+            redir = if stdin.is_empty() { "</dev/null " } else { "" },
+        );
+        // A terminal in canonical mode takes lines of at most 4095 bytes.
+        if script.len() > 4000 {
+            return Err(EngineError::Conflict(format!(
+                "the command (with its stdin) is too long for the serial console of `{name}` ({} bytes, at most 4000)",
+                script.len()
+            )));
+        }
+        let reply = client::console_script(&paths, &script, &format!("BERTH-END-{id}"), timeout)
+            .map_err(|e| EngineError::guest(name, format!("exec over the console: {e}")))?;
+        let text = match (reply.output, reply.error) {
+            (Some(t), _) => t,
+            (None, Some(e)) => return Err(EngineError::Conflict(format!("guest `{name}`: {e}"))),
+            (None, None) => String::new(),
+        };
+        parse_console_exec(&text, &id).map_err(|e| EngineError::guest(name, e))
     }
 
     /// At daemon start: guests that should run but whose shim is gone get a
@@ -773,6 +836,49 @@ pub fn link_of(g: &Guest) -> berth_net::GuestLink {
     }
 }
 
+/// Reads what [`Engine::exec_console`]'s script printed: the exit code after
+/// `BERTH-RC-<id>`, then base64 stdout up to `BERTH-ERR-<id>`, then base64
+/// stderr up to `BERTH-END-<id>`.
+pub fn parse_console_exec(text: &str, id: &str) -> Result<(i32, Vec<u8>, Vec<u8>), String> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (rc_tag, err_tag, end_tag) = (
+        format!("BERTH-RC-{id} "),
+        format!("BERTH-ERR-{id}"),
+        format!("BERTH-END-{id}"),
+    );
+    let mut lines = text.split('\n').map(|l| l.trim_end_matches('\r'));
+    let rc = lines
+        .by_ref()
+        .find_map(|l| {
+            l.find(&rc_tag)
+                .map(|i| l[i + rc_tag.len()..].trim().to_string())
+        })
+        .ok_or("the console gave no exit code")?;
+    let code: i32 = rc.parse().map_err(|_| format!("bad exit code {rc:?}"))?;
+    let mut out = String::new();
+    for l in lines.by_ref() {
+        if l.contains(&err_tag) {
+            break;
+        }
+        out.push_str(l.trim());
+    }
+    let mut err = String::new();
+    for l in lines.by_ref() {
+        if l.contains(&end_tag) {
+            break;
+        }
+        err.push_str(l.trim());
+    }
+    let out = b64
+        .decode(out)
+        .map_err(|e| format!("stdout did not come back intact: {e}"))?;
+    let err = b64
+        .decode(err)
+        .map_err(|e| format!("stderr did not come back intact: {e}"))?;
+    Ok((code, out, err))
+}
+
 /// Host facts for spec validation, read in the daemon's own network namespace.
 pub struct LocalProbe;
 
@@ -795,5 +901,20 @@ impl berth_spec::HostProbe for LocalProbe {
             return None;
         }
         Some(berth_vm::kvm_usable())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn console_exec_output_is_parsed_exactly() {
+        // As a terminal shows it: the echoed command line, CRLF endings.
+        let text = " ('x') </dev/null >/tmp/o 2>/tmp/e; printf 'BERTH-%s-7 %s\\n' RC $?; ...\r\nBERTH-RC-7 3\r\naGVs\r\nbG8K\r\nBERTH-ERR-7\r\nZXJy\r\nBERTH-END-7\r\n# ";
+        let (code, out, err) = super::parse_console_exec(text, "7").expect("parse");
+        assert_eq!(
+            (code, out.as_slice(), err.as_slice()),
+            (3, b"hello\n".as_slice(), b"err".as_slice())
+        );
+        assert!(super::parse_console_exec("nothing", "7").is_err());
     }
 }

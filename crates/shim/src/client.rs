@@ -29,6 +29,28 @@ pub fn request(socket: &Path, req: &Request, timeout: Duration) -> std::io::Resu
     serde_json::from_str(&reply).map_err(std::io::Error::other)
 }
 
+/// Types a script into the guest's console through its shim.
+pub fn console_script(
+    paths: &GuestPaths,
+    script: &str,
+    end: &str,
+    timeout: Duration,
+) -> std::io::Result<crate::proto::ConsoleOutput> {
+    let mut s = UnixStream::connect(paths.socket())?;
+    s.set_read_timeout(Some(timeout + Duration::from_secs(5)))?;
+    let req = Request::ConsoleScript {
+        script: script.into(),
+        end: end.into(),
+        timeout_ms: timeout.as_millis() as u64,
+    };
+    let mut line = serde_json::to_string(&req).map_err(std::io::Error::other)?;
+    line.push('\n');
+    s.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply)?;
+    serde_json::from_str(&reply).map_err(std::io::Error::other)
+}
+
 /// The live status, or None when no shim answers on the socket.
 pub fn status(paths: &GuestPaths) -> Option<ShimStatus> {
     request(&paths.socket(), &Request::Status, Duration::from_secs(2)).ok()

@@ -32,6 +32,8 @@ pub struct Console {
     clients: Mutex<Vec<UnixStream>>,
     writer: AtomicBool,
     last_output: Mutex<Instant>,
+    /// Where guest output also goes while an exec runs over the console.
+    capture: Mutex<Option<std::sync::mpsc::Sender<Vec<u8>>>>,
 }
 
 impl Console {
@@ -49,6 +51,7 @@ impl Console {
             clients: Mutex::new(Vec::new()),
             writer: AtomicBool::new(false),
             last_output: Mutex::new(Instant::now()),
+            capture: Mutex::new(None),
         });
         let hub = Arc::clone(&c);
         std::thread::spawn(move || hub.pump(reader));
@@ -132,6 +135,11 @@ impl Console {
             if let Ok(mut clients) = self.clients.lock() {
                 clients.retain_mut(|c| c.write_all(data).is_ok());
             }
+            if let Ok(cap) = self.capture.lock()
+                && let Some(tx) = cap.as_ref()
+            {
+                let _ = tx.send(data.to_vec());
+            }
         }
     }
 
@@ -186,6 +194,61 @@ impl Console {
             }
         }
         self.writer.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Console {
+    /// Types `script` into the guest's console (taking the writer's place,
+    /// so it never interleaves with a person typing) and returns what the
+    /// guest printed until `end` appeared. Watchers see it all.
+    pub fn run_script(
+        &self,
+        script: &str,
+        end: &str,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
+        if self.writer.swap(true, Ordering::SeqCst) {
+            return Err(
+                "the console is taken for writing by a client; detach it (Ctrl-]) and retry".into(),
+            );
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Ok(mut cap) = self.capture.lock() {
+            *cap = Some(tx);
+        }
+        let res = (|| {
+            {
+                let mut m = self
+                    .master
+                    .lock()
+                    .map_err(|_| "console lock poisoned".to_string())?;
+                // Ctrl-U first: drop whatever half-typed line is there.
+                m.write_all(b"\x15")
+                    .and_then(|()| m.write_all(script.as_bytes()))
+                    .map_err(|e| e.to_string())?;
+            }
+            let deadline = Instant::now() + timeout;
+            let mut got = Vec::new();
+            loop {
+                if got.windows(end.len()).any(|w| w == end.as_bytes()) {
+                    return Ok(got);
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(format!(
+                        "no answer on the console within {timeout:?} (is a shell at its prompt?)"
+                    ));
+                }
+                if let Ok(chunk) = rx.recv_timeout(left) {
+                    got.extend_from_slice(&chunk);
+                }
+            }
+        })();
+        if let Ok(mut cap) = self.capture.lock() {
+            *cap = None;
+        }
+        self.writer.store(false, Ordering::SeqCst);
+        res
     }
 }
 

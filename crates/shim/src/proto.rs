@@ -99,4 +99,19 @@ pub enum Request {
     Stop,
     /// Reread config.json and apply what can change live.
     Reload,
+    /// Type `script` into the guest's console and answer with what it printed
+    /// until `end` ([`ConsoleOutput`]).
+    ConsoleScript {
+        script: String,
+        end: String,
+        timeout_ms: u64,
+    },
+}
+
+/// The answer to [`Request::ConsoleScript`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleOutput {
+    /// What the guest printed (lossy UTF-8: scripts print text, e.g. base64).
+    pub output: Option<String>,
+    pub error: Option<String>,
 }

@@ -348,6 +348,29 @@ fn handle(conn: UnixStream, shared: &Arc<Shared>) {
             out.push('\n');
             let _ = conn.write_all(out.as_bytes());
         }
+        Ok(Request::ConsoleScript {
+            script,
+            end,
+            timeout_ms,
+        }) => {
+            let _ = conn.set_read_timeout(None);
+            let res = shared
+                .console
+                .run_script(&script, &end, Duration::from_millis(timeout_ms));
+            let reply = match res {
+                Ok(out) => crate::proto::ConsoleOutput {
+                    output: Some(String::from_utf8_lossy(&out).into_owned()),
+                    error: None,
+                },
+                Err(e) => crate::proto::ConsoleOutput {
+                    output: None,
+                    error: Some(e),
+                },
+            };
+            let mut out = serde_json::to_string(&reply).unwrap_or_default();
+            out.push('\n');
+            let _ = conn.write_all(out.as_bytes());
+        }
         Ok(Request::Status) => {
             let s = shared.lock().clone();
             let mut out = serde_json::to_string(&s).unwrap_or_default();
