@@ -138,6 +138,26 @@ pub struct ExecResponse {
     pub stderr: String,
 }
 
+/// One stored, encrypted backup of a guest's configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema, PartialEq)]
+pub struct BackupInfo {
+    /// Absolute path of the age-encrypted file (0600).
+    pub file: String,
+    /// Unix time it was taken.
+    pub created: u64,
+    /// Size of the encrypted file in bytes.
+    pub bytes: u64,
+}
+
+/// Body of `POST /v1/guests/{name}/restore`: the decrypted configuration
+/// (the client decrypts with its age identity; the daemon holds no keys).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// base64 (standard alphabet).
+    pub data: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct DestroyResponse {
     /// Guests removed.
@@ -173,6 +193,9 @@ pub fn openapi() -> serde_json::Value {
     let destroy = r(generator.subschema_for::<DestroyResponse>());
     let exec_req = r(generator.subschema_for::<ExecRequest>());
     let exec_resp = r(generator.subschema_for::<ExecResponse>());
+    let backup = r(generator.subschema_for::<BackupInfo>());
+    let backups = r(generator.subschema_for::<Vec<BackupInfo>>());
+    let restore = r(generator.subschema_for::<RestoreRequest>());
     let error = r(generator.subschema_for::<ErrorBody>());
     let defs = generator.take_definitions(true);
 
@@ -249,6 +272,25 @@ pub fn openapi() -> serde_json::Value {
                     "404": err("no such guest"),
                     "409": err("the guest is not running, or another client is writing")
                 }
+            } },
+            "/v1/guests/{name}/backup": { "post": {
+                "summary": "run the guest's backup.command and store its output encrypted to backup.recipients",
+                "operationId": "backup",
+                "parameters": [name_param],
+                "responses": { "200": ok(&backup, "the stored backup"), "404": err("no such guest"), "409": err("no backup declared, or the guest is not running"), "500": err("the backup command failed") }
+            } },
+            "/v1/guests/{name}/backups": { "get": {
+                "summary": "stored backups, oldest first",
+                "operationId": "list_backups",
+                "parameters": [name_param],
+                "responses": { "200": ok(&backups, "backups"), "404": err("no such guest") }
+            } },
+            "/v1/guests/{name}/restore": { "post": {
+                "summary": "feed a decrypted configuration to the guest's backup.restore_command",
+                "operationId": "restore",
+                "parameters": [name_param],
+                "requestBody": body(&restore),
+                "responses": { "200": ok(&exec_resp, "what the restore command printed and its exit code"), "400": err("data is not base64"), "404": err("no such guest"), "409": err("no restore_command declared, or the guest is not running") }
             } },
             "/v1/guests/{name}/start": action("Start"),
             "/v1/guests/{name}/stop": action("Stop"),

@@ -108,6 +108,29 @@ enum Cmd {
         #[arg(long)]
         read_only: bool,
     },
+    /// Back up a guest's configuration: runs its `backup.command` in the
+    /// guest and stores the output encrypted (age) to `backup.recipients`.
+    ///
+    ///   berth backup router1          take a backup now
+    ///   berth backup list router1     list stored backups
+    #[command(verbatim_doc_comment)]
+    Backup {
+        /// `list NAME`, or `NAME`.
+        #[arg(num_args = 1..=2, value_names = ["list|NAME", "NAME"])]
+        args: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decrypt a backup with your age identity and feed it to the guest's
+    /// `backup.restore_command` (the plain text stays in memory).
+    Restore {
+        name: String,
+        /// A file from `berth backup list`.
+        file: PathBuf,
+        /// age identity file (`AGE-SECRET-KEY-1...` lines, as made by age-keygen).
+        #[arg(long, short = 'i', env = "BERTH_AGE_IDENTITY")]
+        identity: PathBuf,
+    },
     /// Start a stopped guest.
     Start { name: String },
     /// Stop a guest (it stays stopped until `start` or the next `apply`).
@@ -167,6 +190,12 @@ pub fn run() -> Result<ExitCode> {
             timeout,
         } => exec(&client, &name, argv, timeout),
         Cmd::Console { name, read_only } => console(&cli.socket, &name, read_only),
+        Cmd::Backup { args, json } => backup(&client, &args, json),
+        Cmd::Restore {
+            name,
+            file,
+            identity,
+        } => restore(&client, &name, &file, &identity),
         Cmd::Start { name } => guest_action(&client, &name, "start"),
         Cmd::Stop { name } => guest_action(&client, &name, "stop"),
         Cmd::Restart { name } => guest_action(&client, &name, "restart"),
@@ -511,6 +540,76 @@ fn exec(client: &Client, name: &str, argv: Vec<String>, timeout: u64) -> Result<
     std::io::stdout().flush()?;
     std::io::stderr().write_all(&err)?;
     Ok(ExitCode::from(u8::try_from(r.exit_code).unwrap_or(255)))
+}
+
+fn backup(client: &Client, args: &[String], json: bool) -> Result<ExitCode> {
+    match args {
+        [list, name] if list == "list" => {
+            let list: Vec<berth_api::BackupInfo> =
+                client.call("GET", &format!("/v1/guests/{name}/backups"), None)?;
+            if json {
+                return print_json(&list);
+            }
+            if list.is_empty() {
+                println!("no backups of {name} (take one with `berth backup {name}`)");
+            }
+            for b in list {
+                println!(
+                    "{}  {:>8} bytes  {}",
+                    berth_daemon::engine::utc_stamp(b.created),
+                    b.bytes,
+                    b.file
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        [name] => {
+            let b: berth_api::BackupInfo = client
+                .call("POST", &format!("/v1/guests/{name}/backup"), None)
+                .with_context(|| format!("backing up guest `{name}`"))?;
+            if json {
+                return print_json(&b);
+            }
+            println!("{} ({} bytes, encrypted)", b.file, b.bytes);
+            Ok(ExitCode::SUCCESS)
+        }
+        _ => bail!("usage: berth backup NAME | berth backup list NAME"),
+    }
+}
+
+fn restore(client: &Client, name: &str, file: &Path, identity: &Path) -> Result<ExitCode> {
+    use base64::Engine as _;
+    let ids = age::IdentityFile::from_file(identity.display().to_string())
+        .with_context(|| format!("reading age identity {}", identity.display()))?
+        .into_identities()
+        .with_context(|| format!("parsing age identity {}", identity.display()))?;
+    let sealed = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut plain = Vec::new();
+    {
+        use std::io::Read;
+        let what = || format!("decrypting {} (is it for this identity?)", file.display());
+        let decryptor = age::Decryptor::new(&sealed[..]).with_context(what)?;
+        let mut reader = decryptor
+            .decrypt(ids.iter().map(|i| i.as_ref() as &dyn age::Identity))
+            .with_context(what)?;
+        reader.read_to_end(&mut plain).with_context(what)?;
+    }
+    let body =
+        serde_json::json!({ "data": base64::engine::general_purpose::STANDARD.encode(&plain) });
+    let r: berth_api::ExecResponse = client
+        .call("POST", &format!("/v1/guests/{name}/restore"), Some(&body))
+        .with_context(|| format!("restoring guest `{name}`"))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    std::io::stdout().write_all(&b64.decode(&r.stdout).unwrap_or_default())?;
+    std::io::stderr().write_all(&b64.decode(&r.stderr).unwrap_or_default())?;
+    if r.exit_code != 0 {
+        bail!(
+            "the restore command of `{name}` exited with {}",
+            r.exit_code
+        );
+    }
+    eprintln!("restored {} into {name}", file.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The byte that detaches from a console: Ctrl-].

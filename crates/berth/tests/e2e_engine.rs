@@ -628,3 +628,69 @@ fn console_shows_output_takes_input_and_survives_the_daemon() {
     let out = b.cli(&["exec", &name, "--", "/bin/echo", "still"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "still\n");
 }
+
+#[test]
+fn backup_is_encrypted_and_restore_feeds_back_the_same_bytes() {
+    if !require(
+        "backup_is_encrypted_and_restore_feeds_back_the_same_bytes",
+        CAPS,
+    ) {
+        return;
+    }
+    use age::secrecy::ExposeSecret;
+    let tag = unique_tag("bk");
+    let b = Berth::new(&tag);
+    let rootfs = busybox_rootfs();
+    let name = format!("{tag}-b");
+    let id = age::x25519::Identity::generate();
+    let idfile = b.write("id.txt", &format!("{}\n", id.to_string().expose_secret()));
+    let extra = format!(
+        "backup = {{ command = [\"cat\", \"/etc/app.conf\"], restore_command = [\"/bin/sh\", \"-c\", \"cat > /tmp/restored\"], recipients = [\"{}\"] }}",
+        id.to_public()
+    );
+    let file = b.write(
+        "spec.toml",
+        &spec(b.net.uplink(), 68, &container(&name, 12, &rootfs, &extra)),
+    );
+    b.cli_ok(&["apply", "--yes", file.to_str().expect("utf8")]);
+    b.cli_ok(&[
+        "exec",
+        &name,
+        "--",
+        "/bin/sh",
+        "-c",
+        "printf 'secret-config\\001\\377\\n' > /etc/app.conf",
+    ]);
+    let original = b.cli(&["exec", &name, "--", "cat", "/etc/app.conf"]).stdout;
+    assert_eq!(original, b"secret-config\x01\xff\n");
+
+    let out = b.cli_ok(&["backup", "--json", &name]);
+    let info: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let path = info["file"].as_str().expect("file").to_string();
+    let sealed = std::fs::read(&path).expect("backup file");
+    assert!(
+        !sealed.windows(13).any(|w| w == b"secret-config"),
+        "plain text on disk"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&path).expect("stat").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let plain = age::decrypt(&id, &sealed).expect("decrypts with the identity");
+    assert_eq!(plain, original);
+    assert!(b.cli_ok(&["backup", "list", &name]).contains(&path));
+
+    b.cli_ok(&[
+        "restore",
+        &name,
+        &path,
+        "--identity",
+        idfile.to_str().expect("utf8"),
+    ]);
+    let restored = b.cli(&["exec", &name, "--", "cat", "/tmp/restored"]).stdout;
+    assert_eq!(restored, original, "restore fed back different bytes");
+
+    // A guest without a backup declared says so.
+    let none = b.cli(&["backup", "nosuchguest"]);
+    assert!(String::from_utf8_lossy(&none.stderr).contains("does not exist"));
+}

@@ -7,6 +7,7 @@
 //! guest, and resource names are derived from the guest (link `vb<index>`,
 //! cgroup `berth/<name>`, dir `guests/<name>`), so cleanup never guesses.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -631,6 +632,114 @@ impl Engine {
         Ok((code, stdout, stderr))
     }
 
+    fn backup_spec(&self, name: &str) -> Result<berth_spec::Backup, EngineError> {
+        let g = self.applied(&self.record(name)?)?;
+        g.backup.ok_or_else(|| {
+            EngineError::Conflict(format!("guest `{name}` declares no backup; add backup = {{ command = [...], recipients = [\"age1...\"] }} to its spec"))
+        })
+    }
+
+    fn backup_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.join("backups").join(name)
+    }
+
+    /// Runs the guest's backup command and stores its stdout encrypted with
+    /// age to the spec's recipients. The plain text exists only in memory.
+    pub fn backup(&self, name: &str) -> Result<berth_api::BackupInfo, EngineError> {
+        use std::io::Write;
+        let spec = self.backup_spec(name)?;
+        let recipients: Vec<age::x25519::Recipient> = spec
+            .recipients
+            .iter()
+            .map(|r| {
+                r.parse()
+                    .map_err(|e| EngineError::Conflict(format!("backup recipient `{r}`: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let (code, out, err) =
+            self.exec(name, &spec.command, Vec::new(), Duration::from_secs(600))?;
+        if code != 0 {
+            return Err(EngineError::guest(
+                name,
+                format!(
+                    "backup command {:?} exited with {code}: {}",
+                    spec.command,
+                    String::from_utf8_lossy(&err).trim()
+                ),
+            ));
+        }
+        let encryptor =
+            age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+                .map_err(|e| EngineError::guest(name, format!("encrypting: {e}")))?;
+        let mut sealed = Vec::with_capacity(out.len() + 512);
+        let mut w = encryptor
+            .wrap_output(&mut sealed)
+            .map_err(|e| EngineError::guest(name, format!("encrypting: {e}")))?;
+        w.write_all(&out)
+            .and_then(|()| w.finish().map(|_| ()))
+            .map_err(|e| EngineError::guest(name, format!("encrypting: {e}")))?;
+        let dir = self.backup_dir(name);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| EngineError::guest(name, format!("creating {}: {e}", dir.display())))?;
+        let created = now() as u64;
+        let file = dir.join(format!("{}-{}.age", utc_stamp(created), std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .map_err(|e| EngineError::guest(name, format!("writing {}: {e}", file.display())))?;
+        f.write_all(&sealed)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| EngineError::guest(name, format!("writing {}: {e}", file.display())))?;
+        Ok(berth_api::BackupInfo {
+            file: file.display().to_string(),
+            created,
+            bytes: sealed.len() as u64,
+        })
+    }
+
+    /// Stored backups of a guest, oldest first.
+    pub fn backups(&self, name: &str) -> Result<Vec<berth_api::BackupInfo>, EngineError> {
+        self.record(name)?;
+        let mut list: Vec<berth_api::BackupInfo> = std::fs::read_dir(self.backup_dir(name))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "age"))
+                    .filter_map(|e| {
+                        let m = e.metadata().ok()?;
+                        let created = m
+                            .modified()
+                            .ok()?
+                            .duration_since(UNIX_EPOCH)
+                            .ok()?
+                            .as_secs();
+                        Some(berth_api::BackupInfo {
+                            file: e.path().display().to_string(),
+                            created,
+                            bytes: m.len(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        list.sort_by(|a, b| (a.created, &a.file).cmp(&(b.created, &b.file)));
+        Ok(list)
+    }
+
+    /// Feeds a decrypted configuration to the guest's restore command.
+    pub fn restore(
+        &self,
+        name: &str,
+        data: Vec<u8>,
+    ) -> Result<(i32, Vec<u8>, Vec<u8>), EngineError> {
+        let spec = self.backup_spec(name)?;
+        let cmd = spec.restore_command.ok_or_else(|| {
+            EngineError::Conflict(format!("guest `{name}` declares no backup.restore_command"))
+        })?;
+        self.exec(name, &cmd, data, Duration::from_secs(600))
+    }
+
     /// exec for guests reached only through their serial console (VMs): the
     /// command is typed into the shell at the console prompt, with its
     /// output redirected to files that are then printed base64-encoded
@@ -836,6 +945,28 @@ pub fn link_of(g: &Guest) -> berth_net::GuestLink {
     }
 }
 
+/// `YYYYMMDDTHHMMSSZ` for a Unix time (UTC), for backup file names.
+pub fn utc_stamp(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Reads what [`Engine::exec_console`]'s script printed: the exit code after
 /// `BERTH-RC-<id>`, then base64 stdout up to `BERTH-ERR-<id>`, then base64
 /// stderr up to `BERTH-END-<id>`.
@@ -916,5 +1047,12 @@ mod tests {
             (3, b"hello\n".as_slice(), b"err".as_slice())
         );
         assert!(super::parse_console_exec("nothing", "7").is_err());
+    }
+
+    #[test]
+    fn utc_stamps() {
+        assert_eq!(super::utc_stamp(0), "19700101T000000Z");
+        assert_eq!(super::utc_stamp(1_795_758_755), "20261127T055235Z");
+        assert_eq!(super::utc_stamp(951_782_400), "20000229T000000Z");
     }
 }

@@ -42,6 +42,9 @@ pub fn router(engine: Arc<Engine>) -> axum::Router {
         .route("/v1/guests/{name}/logs", get(logs))
         .route("/v1/guests/{name}/exec", post(exec))
         .route("/v1/guests/{name}/console", get(console))
+        .route("/v1/guests/{name}/backup", post(backup))
+        .route("/v1/guests/{name}/backups", get(backups))
+        .route("/v1/guests/{name}/restore", post(restore))
         .route("/v1/plan", post(plan))
         .route("/v1/apply", post(apply))
         .fallback(|| async {
@@ -186,6 +189,42 @@ async fn exec(
     let timeout = std::time::Duration::from_secs(req.timeout_secs.unwrap_or(300));
     let e = app.engine.clone();
     let (code, out, err) = blocking(move || e.exec(&name, &req.argv, stdin, timeout)).await?;
+    Ok(Json(berth_api::ExecResponse {
+        exit_code: code,
+        stdout: b64.encode(out),
+        stderr: b64.encode(err),
+    }))
+}
+
+async fn backup(
+    State(app): State<App>,
+    Path(name): Path<String>,
+) -> Result<Json<berth_api::BackupInfo>, ApiError> {
+    let e = app.engine.clone();
+    Ok(Json(blocking(move || e.backup(&name)).await?))
+}
+
+async fn backups(
+    State(app): State<App>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<berth_api::BackupInfo>>, ApiError> {
+    let e = app.engine.clone();
+    Ok(Json(blocking(move || e.backups(&name)).await?))
+}
+
+async fn restore(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    body: Result<Json<berth_api::RestoreRequest>, JsonRejection>,
+) -> Result<Json<berth_api::ExecResponse>, ApiError> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let Json(req) = body?;
+    let data = b64
+        .decode(&req.data)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("data is not base64: {e}")))?;
+    let e = app.engine.clone();
+    let (code, out, err) = blocking(move || e.restore(&name, data)).await?;
     Ok(Json(berth_api::ExecResponse {
         exit_code: code,
         stdout: b64.encode(out),

@@ -486,6 +486,13 @@ fn diff_guest(old: &Guest, new: &Guest) -> Vec<Diff> {
     if let (Some(a), Some(b)) = (&old.vm, &new.vm) {
         diff_vm(&mut d, a, b);
     }
+    // Backups are taken on demand: nothing running changes.
+    let backup = |g: &Guest| {
+        g.backup.as_ref().map_or("none".to_string(), |b| {
+            format!("{:?} to {} recipient(s)", b.command, b.recipients.len())
+        })
+    };
+    diff(&mut d, "backup", backup(old), backup(new), Impact::Live);
     d
 }
 

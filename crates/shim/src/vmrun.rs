@@ -309,6 +309,7 @@ mod tests {
             ephemeral: false,
             read_only: false,
             vm: Some(vm.clone()),
+            backup: None,
         };
         (g, vm)
     }

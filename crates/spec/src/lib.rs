@@ -154,6 +154,23 @@ pub struct GuestSpec {
     /// VM: back guest memory with 2 MiB hugepages (preallocated). Default false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hugepages: Option<bool>,
+    /// Configuration backup: `berth backup NAME` runs `command` in the guest
+    /// (through exec) and stores its output encrypted to `recipients`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<Backup>,
+}
+
+/// `backup = { command = [...], restore_command = [...], recipients = ["age1..."] }`
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Backup {
+    /// Prints the configuration on stdout, e.g. ["cat", "/conf/config.xml"].
+    pub command: Vec<String>,
+    /// Reads a configuration on stdin and installs it (`berth restore`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_command: Option<Vec<String>>,
+    /// age recipients (`age1...`) the backups are encrypted to.
+    pub recipients: Vec<String>,
 }
 
 /// What runs the guest.

@@ -110,6 +110,9 @@ pub struct Guest {
     /// The VM part (`kind = "vm"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<crate::vm::Vm>,
+    /// Configuration backup (`berth backup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<crate::Backup>,
 }
 
 impl Guest {
@@ -682,6 +685,26 @@ fn validate_guest(
         }
     }
 
+    if let Some(b) = &g.backup {
+        if b.command.first().is_none_or(|c| c.is_empty()) {
+            cx.guest(name, "backup", "backup.command is empty: give the program that prints the configuration, e.g. [\"cat\", \"/conf/config.xml\"]");
+        }
+        if b.restore_command
+            .as_ref()
+            .is_some_and(|c| c.first().is_none_or(|p| p.is_empty()))
+        {
+            cx.guest(name, "backup", "backup.restore_command is empty: leave it out, or give the program that reads a configuration on stdin");
+        }
+        if b.recipients.is_empty() {
+            cx.guest(name, "backup", "backup needs at least one age recipient (`age1...`; make a key with `age-keygen`) so backups are never stored in plain text");
+        }
+        for r in &b.recipients {
+            if !r.starts_with("age1") || r.len() != 62 {
+                cx.guest(name, "backup", format!("`{r}` is not an age X25519 recipient (they look like age1 followed by 58 characters)"));
+            }
+        }
+    }
+
     if cx.errors.len() != before {
         return None;
     }
@@ -704,6 +727,7 @@ fn validate_guest(
         stop_timeout_ms,
         ephemeral: g.ephemeral.unwrap_or(false),
         read_only: g.read_only.unwrap_or(false),
+        backup: g.backup.clone(),
         memory: match &vm {
             Some(v) => Some(v.memory_mib << 20),
             None => g.memory.map(|m| m.0),

@@ -817,3 +817,37 @@ fn nix_errors_name_file_and_line() {
     let e = load(&data("spec.nix")).expect_err("not a spec").to_string();
     assert!(e.contains("spec.nix") && e.contains("missing field"), "{e}");
 }
+
+#[test]
+fn backup_needs_a_command_and_age_recipients() {
+    assert_one_error(
+        |s| {
+            db1(s).backup = Some(berth_spec::Backup {
+                command: vec!["cat".into(), "/c".into()],
+                restore_command: None,
+                recipients: vec![],
+            });
+        },
+        &["backup needs at least one age recipient"],
+    );
+    assert_one_error(
+        |s| {
+            db1(s).backup = Some(berth_spec::Backup {
+                command: vec![],
+                restore_command: None,
+                recipients: vec!["age1".to_string() + &"q".repeat(58)],
+            });
+        },
+        &["backup.command is empty"],
+    );
+    assert_one_error(
+        |s| {
+            db1(s).backup = Some(berth_spec::Backup {
+                command: vec!["cat".into()],
+                restore_command: None,
+                recipients: vec!["ssh-rsa AAAA".into()],
+            });
+        },
+        &["is not an age X25519 recipient"],
+    );
+}
