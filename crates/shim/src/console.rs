@@ -207,10 +207,17 @@ impl Console {
         end: &str,
         timeout: Duration,
     ) -> Result<Vec<u8>, String> {
-        if self.writer.swap(true, Ordering::SeqCst) {
-            return Err(
-                "the console is taken for writing by a client; detach it (Ctrl-]) and retry".into(),
-            );
+        // Take turns with a person typing: wait a little for the writer's
+        // place (a client that just detached may still be letting go).
+        let wait_until = Instant::now() + Duration::from_secs(10);
+        while self.writer.swap(true, Ordering::SeqCst) {
+            if Instant::now() > wait_until {
+                return Err(
+                    "the console is taken for writing by a client; detach it (Ctrl-]) and retry"
+                        .into(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
         let (tx, rx) = std::sync::mpsc::channel();
         if let Ok(mut cap) = self.capture.lock() {
