@@ -125,6 +125,10 @@ pub struct ExecRequest {
     /// Kill the command after this many seconds (default 300).
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// Run as this user (containers): a name from the guest's /etc/passwd,
+    /// or `uid[:gid]`. Default root.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// The outcome of an exec: exact bytes, base64, and the exit status.

@@ -98,6 +98,10 @@ enum Cmd {
         /// Kill the command after this many seconds.
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Run as this user (containers): a name from the guest's
+        /// /etc/passwd, or uid[:gid]. Default root.
+        #[arg(long, short = 'u')]
+        user: Option<String>,
     },
     /// Attach the terminal to a guest's console (container: its command's
     /// terminal; VM: its serial port). Detach with Ctrl-] (as in telnet and
@@ -188,7 +192,8 @@ pub fn run() -> Result<ExitCode> {
             name,
             argv,
             timeout,
-        } => exec(&client, &name, argv, timeout),
+            user,
+        } => exec(&client, &name, argv, timeout, user),
         Cmd::Console { name, read_only } => console(&cli.socket, &name, read_only),
         Cmd::Backup { args, json } => backup(&client, &args, json),
         Cmd::Restore {
@@ -519,7 +524,13 @@ fn logs(
     Ok(ExitCode::SUCCESS)
 }
 
-fn exec(client: &Client, name: &str, argv: Vec<String>, timeout: u64) -> Result<ExitCode> {
+fn exec(
+    client: &Client,
+    name: &str,
+    argv: Vec<String>,
+    timeout: u64,
+    user: Option<String>,
+) -> Result<ExitCode> {
     use base64::Engine as _;
     use std::io::Read;
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -529,8 +540,7 @@ fn exec(client: &Client, name: &str, argv: Vec<String>, timeout: u64) -> Result<
             .read_to_end(&mut stdin)
             .context("reading stdin")?;
     }
-    let body =
-        serde_json::json!({ "argv": argv, "stdin": b64.encode(&stdin), "timeout_secs": timeout });
+    let body = serde_json::json!({ "argv": argv, "stdin": b64.encode(&stdin), "timeout_secs": timeout, "user": user });
     let r: berth_api::ExecResponse = client
         .call("POST", &format!("/v1/guests/{name}/exec"), Some(&body))
         .with_context(|| format!("exec in guest `{name}`"))?;

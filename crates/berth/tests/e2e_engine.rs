@@ -459,6 +459,24 @@ fn exec_in_a_container_is_exact() {
     );
     let ok = b.cli(&["exec", &name, "--", "/bin/true"]);
     assert_eq!(ok.status.code(), Some(0));
+    // As another user: by uid:gid, and by name from the guest's passwd.
+    let id = b.cli(&[
+        "exec",
+        "--user",
+        "1000:100",
+        &name,
+        "--",
+        "/bin/sh",
+        "-c",
+        "id -u; id -g",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&id.stdout), "1000\n100\n");
+    let root = b.cli(&[
+        "exec", "--user", "root", &name, "--", "/bin/sh", "-c", "id -u",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&root.stdout), "0\n");
+    let nobody = b.cli(&["exec", "--user", "nosuchuser", &name, "--", "/bin/true"]);
+    assert!(String::from_utf8_lossy(&nobody.stderr).contains("not in the guest's /etc/passwd"));
 
     // 1 MiB of random bytes, intact: the guest prints its md5 on stderr.
     let big = b.cli(&[

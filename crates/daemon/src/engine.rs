@@ -546,11 +546,29 @@ impl Engine {
         stdin: Vec<u8>,
         timeout: Duration,
     ) -> Result<(i32, Vec<u8>, Vec<u8>), EngineError> {
+        self.exec_as(name, argv, stdin, timeout, None)
+    }
+
+    /// [`Engine::exec`] as `user` (a name from the guest's /etc/passwd, or
+    /// `uid[:gid]`); containers only.
+    pub fn exec_as(
+        &self,
+        name: &str,
+        argv: &[String],
+        stdin: Vec<u8>,
+        timeout: Duration,
+        user: Option<&str>,
+    ) -> Result<(i32, Vec<u8>, Vec<u8>), EngineError> {
         use std::io::{Read, Write};
         use std::os::unix::process::ExitStatusExt;
         let rec = self.record(name)?;
         let g = self.applied(&rec)?;
         if g.vm.is_some() {
+            if user.is_some() {
+                return Err(EngineError::Conflict(format!(
+                    "exec as another user is for containers; in VM `{name}` use e.g. `su USER -c ...` in the command"
+                )));
+            }
             return self.exec_console(name, argv, &stdin, timeout);
         }
         let live = client::status(&self.paths(name));
@@ -566,7 +584,15 @@ impl Engine {
         };
         let mut child = std::process::Command::new("nsenter")
             .arg(format!("--target={pid}"))
-            .args(["--all", "--"])
+            .args(["--all"])
+            .args(match user {
+                Some(u) => {
+                    let (uid, gid) = self.container_user(name, pid, u)?;
+                    vec![format!("--setuid={uid}"), format!("--setgid={gid}")]
+                }
+                None => Vec::new(),
+            })
+            .arg("--")
             .args(argv)
             .env_clear()
             .env(
@@ -738,6 +764,38 @@ impl Engine {
             EngineError::Conflict(format!("guest `{name}` declares no backup.restore_command"))
         })?;
         self.exec(name, &cmd, data, Duration::from_secs(600))
+    }
+
+    /// uid and gid of `user` inside container `name` (leader `pid`):
+    /// `uid[:gid]` as given, or a name looked up in the container's passwd.
+    fn container_user(&self, name: &str, pid: i32, user: &str) -> Result<(u32, u32), EngineError> {
+        let bad =
+            |why: String| EngineError::Conflict(format!("guest `{name}`: user `{user}`: {why}"));
+        if let Some((u, g)) = user.split_once(':') {
+            return Ok((
+                u.parse().map_err(|_| bad("not a uid".into()))?,
+                g.parse().map_err(|_| bad("not a gid".into()))?,
+            ));
+        }
+        if let Ok(uid) = user.parse::<u32>() {
+            return Ok((uid, uid));
+        }
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--target={pid}"))
+            .args(["--all", "--", "cat", "/etc/passwd"])
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .output()
+            .map_err(|e| bad(format!("reading the guest's /etc/passwd: {e}")))?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&user))
+            .and_then(|f| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))
+            .ok_or_else(|| bad("not in the guest's /etc/passwd; give a numeric uid[:gid]".into()))
     }
 
     /// exec for guests reached only through their serial console (VMs): the
