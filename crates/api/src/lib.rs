@@ -241,7 +241,8 @@ pub fn openapi() -> serde_json::Value {
                     name_param,
                     { "name": "follow", "in": "query", "required": false, "schema": { "type": "boolean" }, "description": "keep the answer open and send what is appended" },
                     { "name": "source", "in": "query", "required": false, "schema": { "type": "string", "enum": ["console", "supervisor"] } },
-                    { "name": "tail", "in": "query", "required": false, "schema": { "type": "integer", "minimum": 0 }, "description": "only the last N lines" }
+                    { "name": "tail", "in": "query", "required": false, "schema": { "type": "integer", "minimum": 0 }, "description": "only the last N lines" },
+                    { "name": "since", "in": "query", "required": false, "schema": { "type": "integer", "minimum": 0 }, "description": "only what was written at or after this Unix time" }
                 ],
                 "responses": {
                     "200": { "description": "raw bytes as the guest wrote them", "content": { "text/plain": { "schema": { "type": "string" } } } },

@@ -85,6 +85,9 @@ enum Cmd {
         /// instead of the console.
         #[arg(long)]
         supervisor: bool,
+        /// Only what was written in the last DURATION (e.g. 30s, 10m, 2h).
+        #[arg(long)]
+        since: Option<String>,
     },
     /// Run a command in a running container and pass on its stdout, stderr
     /// and exit code exactly (stdin is forwarded when it is not a terminal).
@@ -187,7 +190,8 @@ pub fn run() -> Result<ExitCode> {
             follow,
             tail,
             supervisor,
-        } => logs(&client, &name, follow, tail, supervisor),
+            since,
+        } => logs(&client, &name, follow, tail, supervisor, since.as_deref()),
         Cmd::Exec {
             name,
             argv,
@@ -497,6 +501,7 @@ fn logs(
     follow: bool,
     tail: Option<usize>,
     supervisor: bool,
+    since: Option<&str>,
 ) -> Result<ExitCode> {
     let mut path = format!(
         "/v1/guests/{name}/logs?follow={follow}&source={}",
@@ -504,6 +509,15 @@ fn logs(
     );
     if let Some(n) = tail {
         path.push_str(&format!("&tail={n}"));
+    }
+    if let Some(d) = since {
+        let ms =
+            berth_spec::parse_duration_ms(d).map_err(|e| anyhow::anyhow!("--since {d}: {e}"))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        path.push_str(&format!("&since={}", now.saturating_sub(ms / 1000)));
     }
     let mut out = std::io::stdout().lock();
     client

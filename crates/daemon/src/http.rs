@@ -322,6 +322,9 @@ struct LogsQuery {
     /// Only the last N lines of what is there now.
     #[serde(default)]
     tail: Option<usize>,
+    /// Only what was written at or after this Unix time.
+    #[serde(default)]
+    since: Option<u64>,
 }
 
 /// The guest's console history (or its supervisor's events), raw bytes,
@@ -346,9 +349,20 @@ async fn logs(
         }
     };
     let data = tokio::fs::read(&file).await.unwrap_or_default();
-    let start = match q.tail {
-        Some(n) => tail_offset(&data, n),
+    let from_time = match q.since {
         None => 0,
+        Some(t) if q.source.as_deref() == Some("supervisor") => since_offset_stamped(&data, t),
+        Some(t) => since_offset_indexed(
+            &tokio::fs::read_to_string(file.with_extension("idx"))
+                .await
+                .unwrap_or_default(),
+            t,
+        )
+        .min(data.len()),
+    };
+    let start = match q.tail {
+        Some(n) => tail_offset(&data, n).max(from_time),
+        None => from_time,
     };
     let first = data[start..].to_vec();
     let offset = data.len() as u64;
@@ -398,6 +412,33 @@ async fn read_from(file: &std::path::Path, offset: u64) -> Vec<u8> {
         let _ = f.read_to_end(&mut buf).await;
     }
     buf
+}
+
+/// Where lines stamped `<unix secs> ...` (the supervisor's log) reach `since`.
+fn since_offset_stamped(data: &[u8], since: u64) -> usize {
+    let mut pos = 0;
+    for line in data.split_inclusive(|&b| b == b'\n') {
+        let ts = std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok());
+        if ts.is_some_and(|t| t >= since) {
+            return pos;
+        }
+        pos += line.len();
+    }
+    data.len()
+}
+
+/// From console.idx (`<unix secs> <offset>` per second with output): the
+/// offset of the first output at or after `since`.
+fn since_offset_indexed(idx: &str, since: u64) -> usize {
+    idx.lines()
+        .filter_map(|l| {
+            let (t, o) = l.split_once(' ')?;
+            Some((t.parse::<u64>().ok()?, o.parse::<usize>().ok()?))
+        })
+        .find(|(t, _)| *t >= since)
+        .map_or(usize::MAX, |(_, o)| o)
 }
 
 /// Byte offset where the last `n` lines of `data` begin.
@@ -749,5 +790,17 @@ mod tests {
         assert_eq!(&d[super::tail_offset(d, 1)..], b"c\n");
         assert_eq!(super::tail_offset(d, 0), d.len());
         assert_eq!(&b"x\ny"[super::tail_offset(b"x\ny", 1)..], b"y");
+    }
+
+    #[test]
+    fn since_offsets() {
+        let log = b"100 start\n200 running\n300 exited\n";
+        assert_eq!(
+            &log[super::since_offset_stamped(log, 150)..],
+            b"200 running\n300 exited\n"
+        );
+        assert_eq!(super::since_offset_stamped(log, 999), log.len());
+        assert_eq!(super::since_offset_indexed("100 0\n200 40\n", 150), 40);
+        assert_eq!(super::since_offset_indexed("100 0\n", 150), usize::MAX);
     }
 }

@@ -92,6 +92,22 @@ impl Console {
         }
     }
 
+    /// `console.idx`, restarted whenever console.log is rotated.
+    fn open_index(&self) -> Option<File> {
+        let path = self.log_path.with_extension("idx");
+        let log_len = std::fs::metadata(&self.log_path)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        if log_len == 0 {
+            let _ = std::fs::remove_file(&path);
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+    }
+
     fn open_log(&self) -> Option<File> {
         if std::fs::metadata(&self.log_path)
             .map(|m| m.len() > LOG_MAX)
@@ -109,7 +125,11 @@ impl Console {
     /// Guest output → history and clients.
     fn pump(&self, mut master: File) {
         let mut log = self.open_log();
-        let mut written: u64 = 0;
+        let mut idx = self.open_index();
+        let mut written: u64 = std::fs::metadata(&self.log_path)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let mut indexed_sec = 0;
         let mut buf = [0u8; 8192];
         loop {
             let n = match master.read(&mut buf) {
@@ -126,7 +146,20 @@ impl Console {
             let data = &buf[..n];
             if written > LOG_MAX {
                 log = self.open_log();
+                idx = self.open_index();
                 written = 0;
+            }
+            // One index entry per second with output: where that second's
+            // output starts in console.log (for `berth logs --since`).
+            let sec = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            if sec != indexed_sec
+                && let Some(i) = idx.as_mut()
+            {
+                let _ = writeln!(i, "{sec} {written}");
+                indexed_sec = sec;
             }
             if let Some(f) = log.as_mut() {
                 let _ = f.write_all(data);
