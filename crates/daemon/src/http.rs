@@ -632,9 +632,6 @@ fn run_apply(
     };
     let mut errors = Vec::new();
 
-    // Host: forwarding and the firewall, covering both the guests that stay
-    // and the ones about to be created, so every guest link is filtered from
-    // its first packet.
     // Host: forwarding, NAT and source filters, before any guest starts.
     // The table depends on the host config only, so it is rewritten only
     // when that changed (or was never applied).
