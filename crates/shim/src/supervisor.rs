@@ -66,6 +66,8 @@ struct Shared {
     qmp: Mutex<Option<berth_vm::Qmp>>,
     /// The pty the guest runs on, its history and its clients.
     console: Arc<crate::console::Console>,
+    /// A VM's fast exec channel (virtio-serial port), while QEMU runs.
+    exec_chan: Mutex<Option<UnixStream>>,
 }
 
 impl Shared {
@@ -240,6 +242,7 @@ pub fn run(state_dir: &Path, guest: &str) -> Result<(), ShimError> {
         cfg: Mutex::new(cfg.clone()),
         qmp: Mutex::new(None),
         console,
+        exec_chan: Mutex::new(None),
     });
     shared.update(|_| {});
     log(&format!(
@@ -354,9 +357,19 @@ fn handle(conn: UnixStream, shared: &Arc<Shared>) {
             timeout_ms,
         }) => {
             let _ = conn.set_read_timeout(None);
-            let res = shared
-                .console
-                .run_script(&script, &end, Duration::from_millis(timeout_ms));
+            let timeout = Duration::from_millis(timeout_ms);
+            // The VM's virtio-serial port first (fast); the serial console if
+            // the guest has no shell there.
+            let fast = {
+                let mut chan = shared.exec_chan.lock().unwrap_or_else(|p| p.into_inner());
+                chan.as_mut().and_then(|c| {
+                    crate::vmrun::run_on_channel(c, &script, &end, Duration::from_secs(3), timeout)
+                })
+            };
+            let res = match fast {
+                Some(r) => r,
+                None => shared.console.run_script(&script, &end, timeout),
+            };
             let reply = match res {
                 Ok(out) => crate::proto::ConsoleOutput {
                     output: Some(String::from_utf8_lossy(&out).into_owned()),
@@ -432,7 +445,9 @@ fn supervise(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) {
             }
         };
         *shared.qmp.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *shared.exec_chan.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let _ = std::fs::remove_file(shared.paths.dir.join("qmp.sock"));
+        let _ = std::fs::remove_file(shared.paths.dir.join("exec.sock"));
         cleanup(cfg);
         let stopping = shared.stop.load(Ordering::SeqCst);
         let failed = !matches!(&outcome, Ok(i) if i.success());
@@ -602,6 +617,7 @@ fn start_vm(cfg: &Guest, vm: &berth_spec::vm::Vm, shared: &Arc<Shared>) -> Resul
         cfg.addresses().join(" ")
     ));
     *shared.qmp.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.qmp);
+    *shared.exec_chan.lock().unwrap_or_else(|p| p.into_inner()) = started.exec;
     shared.update(|s| {
         s.runner_pid = Some(pid);
         if s.state == ShimState::Starting {

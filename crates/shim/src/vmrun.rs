@@ -31,6 +31,65 @@ pub struct Started {
     pub qmp: berth_vm::Qmp,
     pub accel: berth_vm::Accel,
     pub warnings: Vec<String>,
+    /// Connection to the guest's `berth.exec` virtio-serial port.
+    pub exec: Option<std::os::unix::net::UnixStream>,
+}
+
+/// Runs a marker-delimited script over the virtio-serial port (see
+/// `Console::run_script` for the serial-console fallback); `None` if the
+/// guest gave no sign of life on the channel within `probe`.
+pub fn run_on_channel(
+    chan: &mut std::os::unix::net::UnixStream,
+    script: &str,
+    end: &str,
+    probe: Duration,
+    timeout: Duration,
+) -> Option<Result<Vec<u8>, String>> {
+    use std::io::{Read, Write};
+    // A plain byte stream (no terminal): the script goes as it is.
+    if chan.write_all(script.as_bytes()).is_err() {
+        return None;
+    }
+    let started = std::time::Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        if got.windows(end.len()).any(|w| w == end.as_bytes()) {
+            return Some(Ok(got));
+        }
+        let limit = if got.is_empty() { probe } else { timeout };
+        let left = limit.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return if got.is_empty() {
+                None
+            } else {
+                Some(Err(format!("no end marker within {timeout:?}")))
+            };
+        }
+        let _ = chan.set_read_timeout(Some(left.min(Duration::from_millis(200))));
+        match chan.read(&mut buf) {
+            Ok(0) => {
+                return if got.is_empty() {
+                    None
+                } else {
+                    Some(Err("the exec channel closed".into()))
+                };
+            }
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => {
+                return if got.is_empty() {
+                    None
+                } else {
+                    Some(Err(e.to_string()))
+                };
+            }
+        }
+    }
 }
 
 /// The kernel command line berth boots a direct-kernel VM with: the spec's,
@@ -189,6 +248,7 @@ pub fn start(
         tap_fd: 3,
         qmp_socket: qmp_path.clone(),
         serial_socket: None,
+        exec_socket: Some(paths.dir.join("exec.sock")),
         runas: runas.map(|_| QEMU_USER.to_string()),
         sandbox: true,
     });
@@ -248,11 +308,15 @@ pub fn start(
             return Err(fail(&mut child, format!("pinning: {e}")));
         }
     }
+    // The fast exec channel (virtio-serial port `berth.exec`); guests with no
+    // shell on it never answer, and exec falls back to the serial console.
+    let exec = std::os::unix::net::UnixStream::connect(paths.dir.join("exec.sock")).ok();
     Ok(Started {
         child,
         qmp,
         accel,
         warnings,
+        exec,
     })
 }
 
