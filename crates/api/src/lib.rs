@@ -263,6 +263,24 @@ pub fn openapi() -> serde_json::Value {
                     "500": err("the command could not be run")
                 }
             } },
+            "/v1/guests/{name}/exec-tty": { "get": {
+                "summary": "interactive exec in a container: a command on a pty, over an upgraded connection",
+                "description": "Send `Connection: Upgrade` and `Upgrade: berth-exec`. After `101 Switching Protocols` the client's bytes go to the command's terminal and its output comes back; the stream ends with `\\0BERTH-EXIT <code>\\n`. VMs: use the console.",
+                "operationId": "exec_tty",
+                "parameters": [
+                    name_param,
+                    { "name": "argv", "in": "query", "required": true, "schema": { "type": "string" }, "description": "the command, a JSON array of strings" },
+                    { "name": "user", "in": "query", "required": false, "schema": { "type": "string" } },
+                    { "name": "rows", "in": "query", "required": false, "schema": { "type": "integer" } },
+                    { "name": "cols", "in": "query", "required": false, "schema": { "type": "integer" } }
+                ],
+                "responses": {
+                    "101": { "description": "switched to the raw terminal stream" },
+                    "400": err("argv is not a JSON array of strings, or empty"),
+                    "404": err("no such guest"),
+                    "409": err("the guest is not running, or is a VM")
+                }
+            } },
             "/v1/guests/{name}/console": { "get": {
                 "summary": "attach to the guest's console (upgrades the connection to a raw byte stream)",
                 "description": "Send `Connection: Upgrade` and `Upgrade: berth-console`. After `101 Switching Protocols` the connection carries the console's recent history, then live output; in `write` mode the client's bytes are typed into the guest. One writer at a time, any number of readers. Ctrl-] is the CLI's detach key, not part of the protocol.",

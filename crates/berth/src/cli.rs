@@ -548,6 +548,9 @@ fn exec(
     use base64::Engine as _;
     use std::io::Read;
     let b64 = base64::engine::general_purpose::STANDARD;
+    if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+        return exec_interactive(client, name, &argv, user.as_deref());
+    }
     let mut stdin = Vec::new();
     if !std::io::stdin().is_terminal() {
         std::io::stdin()
@@ -634,6 +637,98 @@ fn restore(client: &Client, name: &str, file: &Path, identity: &Path) -> Result<
     }
     eprintln!("restored {} into {name}", file.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `%XX` for everything but unreserved characters (RFC 3986).
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `berth exec` on a terminal: the command runs on a pty in the guest, the
+/// local terminal is raw, and the exit code comes at the end of the stream.
+fn exec_interactive(
+    client: &Client,
+    name: &str,
+    argv: &[String],
+    user: Option<&str>,
+) -> Result<ExitCode> {
+    use std::io::Read;
+    let (rows, cols) = terminal_size();
+    let mut path = format!(
+        "/v1/guests/{name}/exec-tty?argv={}&rows={rows}&cols={cols}",
+        percent_encode(&serde_json::to_string(argv)?)
+    );
+    if let Some(u) = user {
+        path.push_str(&format!("&user={}", percent_encode(u)));
+    }
+    let mut conn = client
+        .upgrade(&path, "berth-exec")
+        .with_context(|| format!("exec in guest `{name}`"))?;
+    if let Ok(t) = raw_mode()
+        && let Ok(mut saved) = SAVED_TERMINAL.lock()
+    {
+        *saved = Some(t);
+    }
+    let mut to_guest = conn.try_clone().context("exec connection")?;
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        let mut stdin = std::io::stdin();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 || to_guest.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let trailer = berth_daemon::EXIT_TRAILER.as_bytes();
+    let mut out = std::io::stdout();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut code = 255;
+    loop {
+        let n = conn.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        if let Some(i) = pending.windows(trailer.len()).position(|w| w == trailer) {
+            let _ = out.write_all(&pending[..i]);
+            let rest = String::from_utf8_lossy(&pending[i + trailer.len()..]).into_owned();
+            code = rest.trim().parse().unwrap_or(255);
+            break;
+        }
+        // Keep a possible partial trailer back, print the rest.
+        let keep = pending.len().saturating_sub(trailer.len());
+        let _ = out.write_all(&pending[..keep]);
+        let _ = out.flush();
+        pending.drain(..keep);
+    }
+    let _ = out.flush();
+    restore_terminal();
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)))
+}
+
+/// Rows and columns of the terminal on stdout (24x80 if unknown).
+fn terminal_size() -> (u16, u16) {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a winsize into the valid, owned `ws`.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_row > 0 {
+        (ws.ws_row, ws.ws_col)
+    } else {
+        (24, 80)
+    }
 }
 
 /// The byte that detaches from a console: Ctrl-].

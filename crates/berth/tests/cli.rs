@@ -329,6 +329,18 @@ fn running_server_conforms_to_openapi() {
             "/v1/guests/{name}/logs",
         ),
         (
+            "GET",
+            "/v1/guests/nope/exec-tty?argv=%5B%22sh%22%5D",
+            None,
+            "/v1/guests/{name}/exec-tty",
+        ),
+        (
+            "GET",
+            "/v1/guests/nope/exec-tty?argv=nope",
+            None,
+            "/v1/guests/{name}/exec-tty",
+        ),
+        (
             "POST",
             "/v1/guests/nope/exec",
             Some("{\"argv\": [\"/bin/true\"]}"),

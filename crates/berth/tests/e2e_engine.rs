@@ -531,6 +531,25 @@ fn exec_in_a_container_is_exact() {
     let piped = child.wait_with_output().expect("exec output");
     assert_eq!(String::from_utf8_lossy(&piped.stdout), "PIPED IN\n");
 
+    // On a terminal, exec runs the command on a pty (util-linux `script`
+    // plays the terminal) and passes its exit code on.
+    let shell_cmd = format!(
+        "{} exec {name} -- /bin/sh -c '[ -t 0 ] && [ -t 1 ] && echo on-a-tty; stty size; exit 4'",
+        common::BIN
+    );
+    let tty = b
+        .net
+        .cmd_in_host("script")
+        .args(["-qec", &shell_cmd, "/dev/null"])
+        .env("BERTH_STATE_DIR", &b.state)
+        .env("BERTH_SOCKET", &b.socket)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script");
+    let text = String::from_utf8_lossy(&tty.stdout);
+    assert!(text.contains("on-a-tty"), "{text}");
+    assert_eq!(tty.status.code(), Some(4), "{text}");
+
     // Bad input: a missing binary, a stopped guest, an unknown guest.
     let missing = b.cli(&["exec", &name, "--", "/no/such/binary"]);
     assert_eq!(

@@ -766,6 +766,92 @@ impl Engine {
         self.exec(name, &cmd, data, Duration::from_secs(600))
     }
 
+    /// Starts `argv` in a running container on a new pty (a session of its
+    /// own, the pty as controlling terminal) for an interactive exec; returns
+    /// the child and the pty master. `rows`/`cols` size the terminal.
+    pub fn exec_tty(
+        &self,
+        name: &str,
+        argv: &[String],
+        user: Option<&str>,
+        rows: u16,
+        cols: u16,
+    ) -> Result<(std::process::Child, std::fs::File), EngineError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let rec = self.record(name)?;
+        let g = self.applied(&rec)?;
+        if g.vm.is_some() {
+            return Err(EngineError::Conflict(format!(
+                "an interactive session in VM `{name}` is its console: `berth console {name}`"
+            )));
+        }
+        let live = client::status(&self.paths(name));
+        let Some(pid) = live
+            .as_ref()
+            .filter(|s| s.state == ShimState::Running)
+            .and_then(|s| s.leader_pid)
+        else {
+            return Err(EngineError::Conflict(format!(
+                "guest `{name}` is not running; start it with `berth start {name}`"
+            )));
+        };
+        let ws = nix::pty::Winsize {
+            ws_row: rows.max(1),
+            ws_col: cols.max(1),
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&ws), None)
+            .map_err(|e| EngineError::guest(name, format!("pty: {e}")))?;
+        let ids = match user {
+            Some(u) => {
+                let (uid, gid) = self.container_user(name, pid, u)?;
+                vec![format!("--setuid={uid}"), format!("--setgid={gid}")]
+            }
+            None => Vec::new(),
+        };
+        let slave = pty.slave;
+        let fd = slave.as_raw_fd();
+        let io = |f: &std::os::fd::OwnedFd| f.try_clone().map(std::process::Stdio::from);
+        let err = |e: std::io::Error| EngineError::guest(name, format!("pty: {e}"));
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--target={pid}"))
+            .arg("--all")
+            .args(ids)
+            .arg("--")
+            .args(argv)
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("HOME", "/root")
+            .env(
+                "TERM",
+                std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
+            )
+            .envs(&g.env)
+            .stdin(io(&slave).map_err(err)?)
+            .stdout(io(&slave).map_err(err)?)
+            .stderr(io(&slave).map_err(err)?);
+        // SAFETY: between fork and exec only setsid(2) and ioctl(2) on a
+        // descriptor the parent keeps open until spawn() returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setsid() < 0 || libc::ioctl(fd, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| EngineError::guest(name, format!("running nsenter (util-linux): {e}")))?;
+        drop(slave);
+        Ok((child, std::fs::File::from(pty.master)))
+    }
+
     /// uid and gid of `user` inside container `name` (leader `pid`):
     /// `uid[:gid]` as given, or a name looked up in the container's passwd.
     fn container_user(&self, name: &str, pid: i32, user: &str) -> Result<(u32, u32), EngineError> {

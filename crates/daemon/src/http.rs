@@ -42,6 +42,7 @@ pub fn router(engine: Arc<Engine>) -> axum::Router {
         .route("/v1/guests/{name}/logs", get(logs))
         .route("/v1/guests/{name}/exec", post(exec))
         .route("/v1/guests/{name}/console", get(console))
+        .route("/v1/guests/{name}/exec-tty", get(exec_tty))
         .route("/v1/guests/{name}/backup", post(backup))
         .route("/v1/guests/{name}/backups", get(backups))
         .route("/v1/guests/{name}/restore", post(restore))
@@ -231,6 +232,95 @@ async fn restore(
         stdout: b64.encode(out),
         stderr: b64.encode(err),
     }))
+}
+
+#[derive(serde::Deserialize)]
+struct ExecTtyQuery {
+    /// The command, a JSON array of strings.
+    argv: String,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    rows: Option<u16>,
+    #[serde(default)]
+    cols: Option<u16>,
+}
+
+/// The last bytes of an interactive exec stream: `\0BERTH-EXIT <code>\n`.
+pub const EXIT_TRAILER: &str = "\0BERTH-EXIT ";
+
+/// Interactive exec (containers): upgrades the connection and relays it to
+/// a command running on a pty; when the command ends, the stream ends with
+/// [`EXIT_TRAILER`] and its exit code.
+async fn exec_tty(
+    State(app): State<App>,
+    Path(name): Path<String>,
+    Query(q): Query<ExecTtyQuery>,
+    mut req: axum::extract::Request,
+) -> Result<Response, ApiError> {
+    use tokio::io::AsyncWriteExt;
+    let argv: Vec<String> = serde_json::from_str(&q.argv).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("argv must be a JSON array of strings: {e}"),
+        )
+    })?;
+    if argv.first().is_none_or(|p| p.is_empty()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "argv is empty: give the program and its arguments",
+        ));
+    }
+    let e = app.engine.clone();
+    let (mut child, master) = blocking(move || {
+        e.exec_tty(
+            &name,
+            &argv,
+            q.user.as_deref(),
+            q.rows.unwrap_or(24),
+            q.cols.unwrap_or(80),
+        )
+    })
+    .await?;
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return;
+        };
+        let (mut client_rd, mut client_wr) =
+            tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+        let writer = master.try_clone().map(tokio::fs::File::from_std);
+        let mut from_guest = tokio::fs::File::from_std(master);
+        let input = tokio::spawn(async move {
+            if let Ok(mut w) = writer {
+                let _ = tokio::io::copy(&mut client_rd, &mut w).await;
+            }
+        });
+        // Output until the pty reports the command's side closed (EIO).
+        let _ = tokio::io::copy(&mut from_guest, &mut client_wr).await;
+        input.abort();
+        let code = tokio::task::spawn_blocking(move || {
+            use std::os::unix::process::ExitStatusExt;
+            child
+                .wait()
+                .map(|s| s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)))
+                .unwrap_or(255)
+        })
+        .await
+        .unwrap_or(255);
+        let _ = client_wr
+            .write_all(format!("{EXIT_TRAILER}{code}\n").as_bytes())
+            .await;
+        let _ = client_wr.shutdown().await;
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "berth-exec")
+        .body(Body::empty())
+        .unwrap_or_default())
 }
 
 #[derive(serde::Deserialize)]

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use engine::{Engine, EngineError, LocalProbe};
+pub use http::EXIT_TRAILER;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
