@@ -582,25 +582,9 @@ impl Engine {
                 "guest `{name}` is not running ({state}); start it with `berth start {name}`"
             )));
         };
-        let mut child = std::process::Command::new("nsenter")
-            .arg(format!("--target={pid}"))
-            .args(["--all"])
-            .args(match user {
-                Some(u) => {
-                    let (uid, gid) = self.container_user(name, pid, u)?;
-                    vec![format!("--setuid={uid}"), format!("--setgid={gid}")]
-                }
-                None => Vec::new(),
-            })
-            .arg("--")
+        let mut child = self
+            .enter(name, pid, user, &g)?
             .args(argv)
-            .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
-            .env("HOME", "/root")
-            .envs(&g.env)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -804,33 +788,17 @@ impl Engine {
         };
         let pty = nix::pty::openpty(Some(&ws), None)
             .map_err(|e| EngineError::guest(name, format!("pty: {e}")))?;
-        let ids = match user {
-            Some(u) => {
-                let (uid, gid) = self.container_user(name, pid, u)?;
-                vec![format!("--setuid={uid}"), format!("--setgid={gid}")]
-            }
-            None => Vec::new(),
-        };
+        let mut cmd = self.enter(name, pid, user, &g)?;
         let slave = pty.slave;
         let fd = slave.as_raw_fd();
         let io = |f: &std::os::fd::OwnedFd| f.try_clone().map(std::process::Stdio::from);
         let err = |e: std::io::Error| EngineError::guest(name, format!("pty: {e}"));
-        let mut cmd = std::process::Command::new("nsenter");
-        cmd.arg(format!("--target={pid}"))
-            .arg("--all")
-            .args(ids)
-            .arg("--")
-            .args(argv)
-            .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
-            .env("HOME", "/root")
+        cmd.args(argv)
             .env(
                 "TERM",
                 std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
             )
+            // The guest's own TERM, if its spec sets one, wins.
             .envs(&g.env)
             .stdin(io(&slave).map_err(err)?)
             .stdout(io(&slave).map_err(err)?)
@@ -852,6 +820,26 @@ impl Engine {
         Ok((child, std::fs::File::from(pty.master)))
     }
 
+    /// `nsenter` into all namespaces of container `name` (leader `pid`), as
+    /// `user` (default root), with the container's environment; the caller
+    /// appends the command.
+    fn enter(
+        &self,
+        name: &str,
+        pid: i32,
+        user: Option<&str>,
+        g: &Guest,
+    ) -> Result<std::process::Command, EngineError> {
+        let mut cmd = nsenter(pid);
+        if let Some(u) = user {
+            let (uid, gid) = self.container_user(name, pid, u)?;
+            cmd.arg(format!("--setuid={uid}"))
+                .arg(format!("--setgid={gid}"));
+        }
+        cmd.arg("--").env("HOME", "/root").envs(&g.env);
+        Ok(cmd)
+    }
+
     /// uid and gid of `user` inside container `name` (leader `pid`):
     /// `uid[:gid]` as given, or a name looked up in the container's passwd.
     fn container_user(&self, name: &str, pid: i32, user: &str) -> Result<(u32, u32), EngineError> {
@@ -866,14 +854,8 @@ impl Engine {
         if let Ok(uid) = user.parse::<u32>() {
             return Ok((uid, uid));
         }
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--target={pid}"))
-            .args(["--all", "--", "cat", "/etc/passwd"])
-            .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
+        let out = nsenter(pid)
+            .args(["--", "cat", "/etc/passwd"])
             .output()
             .map_err(|e| bad(format!("reading the guest's /etc/passwd: {e}")))?;
         String::from_utf8_lossy(&out.stdout)
@@ -1087,6 +1069,19 @@ pub fn link_of(g: &Guest) -> berth_net::GuestLink {
         guest6: g.addr6,
         host6: g.host6,
     }
+}
+
+/// `nsenter --target=PID --all` with a clean environment and a standard PATH.
+fn nsenter(pid: i32) -> std::process::Command {
+    let mut cmd = std::process::Command::new("nsenter");
+    cmd.arg(format!("--target={pid}"))
+        .arg("--all")
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+    cmd
 }
 
 /// `YYYYMMDDTHHMMSSZ` for a Unix time (UTC), for backup file names.
