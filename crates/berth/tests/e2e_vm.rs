@@ -120,6 +120,21 @@ fn vms_and_a_container_routed_supervised_destroyed() {
     b.start_daemon();
     assert_eq!(b.guest(&va).pid, Some(pid_a));
     assert_eq!(b.guest(&vb).pid, Some(pid_b));
+    // exec into a VM still works through the new daemon.
+    let out = b.cli(&[
+        "exec",
+        &vb,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo after-restart-$((2*21))",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "after-restart-42\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Memory of one VM: restart that one only.
     let file2 = b.write("spec2.toml", &spec(b.net.uplink(), 71, &guests("192M")));
