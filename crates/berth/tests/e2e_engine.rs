@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use berth_testkit::{Cap, INTERNET_BODY, busybox_rootfs, require, unique_tag, wait_until};
-use common::{Berth, container, lines_in_host, spec};
+use common::{Berth, ConsoleClient, container, lines_in_host, spec};
 
 const CAPS: &[Cap] = &[Cap::Root, Cap::Netns, Cap::Nspawn, Cap::Nft, Cap::Curl];
 
@@ -395,21 +395,8 @@ fn logs_show_console_and_supervisor_and_follow() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("logs -f");
-    let mut out = child.stdout.take().expect("stdout");
     // Read on a thread so a broken follow fails the test instead of hanging it.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 256];
-        while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
-            if n == 0
-                || tx
-                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
-                    .is_err()
-            {
-                break;
-            }
-        }
-    });
+    let rx = common::read_in_background(child.stdout.take().expect("stdout"));
     let mut seen = String::new();
     while !seen.contains("tick") {
         match rx.recv_timeout(Duration::from_secs(10)) {
@@ -501,17 +488,7 @@ fn exec_in_a_container_is_exact() {
     ]);
     assert!(big.status.success());
     assert_eq!(big.stdout.len(), 1 << 20);
-    let mut md5 = std::process::Command::new("md5sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("md5sum");
-    std::io::Write::write_all(md5.stdin.as_mut().expect("stdin"), &big.stdout).expect("write");
-    let host_sum = String::from_utf8_lossy(&md5.wait_with_output().expect("md5").stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string();
+    let host_sum = common::md5_hex(&big.stdout);
     let guest_sum = String::from_utf8_lossy(&big.stderr)
         .split_whitespace()
         .find(|w| w.len() == 32)
@@ -564,67 +541,6 @@ fn exec_in_a_container_is_exact() {
     assert!(String::from_utf8_lossy(&stopped.stderr).contains("not running"));
     let unknown = b.cli(&["exec", "nosuchguest", "--", "/bin/true"]);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("does not exist"));
-}
-
-/// A `berth console` client driven through pipes.
-struct ConsoleClient {
-    child: std::process::Child,
-    rx: std::sync::mpsc::Receiver<String>,
-    seen: String,
-}
-
-impl ConsoleClient {
-    fn attach(b: &Berth, args: &[&str]) -> ConsoleClient {
-        let mut child = b
-            .cmd(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("berth console");
-        let mut out = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
-                if n == 0
-                    || tx
-                        .send(String::from_utf8_lossy(&buf[..n]).into_owned())
-                        .is_err()
-                {
-                    break;
-                }
-            }
-        });
-        ConsoleClient {
-            child,
-            rx,
-            seen: String::new(),
-        }
-    }
-
-    fn type_(&mut self, s: &[u8]) {
-        let stdin = self.child.stdin.as_mut().expect("stdin");
-        std::io::Write::write_all(stdin, s).expect("type");
-        std::io::Write::flush(stdin).expect("flush");
-    }
-
-    fn wait_for(&mut self, needle: &str) -> bool {
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while !self.seen.contains(needle) {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok(s) => self.seen.push_str(&s),
-                Err(_) => return false,
-            }
-        }
-        true
-    }
-
-    fn detach(mut self) -> std::process::ExitStatus {
-        self.type_(&[0x1d]);
-        self.child.wait().expect("console exit")
-    }
 }
 
 #[test]

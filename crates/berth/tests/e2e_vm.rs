@@ -8,7 +8,7 @@ use std::time::Duration;
 use berth_testkit::{
     Cap, INTERNET_BODY, busybox_rootfs, require, unique_tag, vm_fixture, wait_until,
 };
-use common::{Berth, container, lines_in_host, spec};
+use common::{Berth, ConsoleClient, container, lines_in_host, spec};
 
 const CAPS: &[Cap] = &[
     Cap::Root,
@@ -260,39 +260,11 @@ fn vm_pinning_and_q35_disk_boot() {
 
     // The serial console: boot output in its history, typed commands run.
     wait_http(&b, "http://10.72.0.30/");
-    let mut con = std::process::Command::new(common::BIN)
-        .args(["console", &vp])
-        .env("BERTH_STATE_DIR", &b.state)
-        .env("BERTH_SOCKET", &b.socket)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("berth console");
-    let mut out = con.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = std::io::Read::read(&mut out, &mut buf) {
-            if n == 0
-                || tx
-                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
-                    .is_err()
-            {
-                break;
-            }
-        }
-    });
-    let stdin = con.stdin.as_mut().expect("stdin");
-    std::io::Write::write_all(stdin, b"\necho vm-$((6*7))\n").expect("type");
-    let mut seen = String::new();
-    while !seen.contains("vm-42") {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(s) => seen.push_str(&s),
-            Err(_) => break,
-        }
-    }
-    std::io::Write::write_all(con.stdin.as_mut().expect("stdin"), &[0x1d]).expect("detach");
-    assert!(con.wait().expect("console exit").success());
+    let mut con = ConsoleClient::attach(&b, &["console", &vp]);
+    con.type_(b"\necho vm-$((6*7))\n");
+    con.wait_for_within("vm-42", Duration::from_secs(30));
+    let seen = con.seen.clone();
+    assert!(con.detach().success());
     assert!(
         seen.contains("berth-fixture"),
         "no boot output in the console history: {seen:?}"
@@ -350,17 +322,7 @@ fn vm_pinning_and_q35_disk_boot() {
         String::from_utf8_lossy(&big.stderr)
     );
     assert_eq!(big.stdout.len(), 1 << 20);
-    let mut md5 = std::process::Command::new("md5sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("md5sum");
-    std::io::Write::write_all(md5.stdin.as_mut().expect("stdin"), &big.stdout).expect("write");
-    let host_sum = String::from_utf8_lossy(&md5.wait_with_output().expect("md5").stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string();
+    let host_sum = common::md5_hex(&big.stdout);
     assert!(
         String::from_utf8_lossy(&big.stderr).contains(&host_sum),
         "output changed on the way"

@@ -571,17 +571,7 @@ impl Engine {
             }
             return self.exec_console(name, argv, &stdin, timeout);
         }
-        let live = client::status(&self.paths(name));
-        let Some(pid) = live
-            .as_ref()
-            .filter(|s| s.state == ShimState::Running)
-            .and_then(|s| s.leader_pid)
-        else {
-            let state = live.map(|s| s.state.as_str()).unwrap_or("stopped");
-            return Err(EngineError::Conflict(format!(
-                "guest `{name}` is not running ({state}); start it with `berth start {name}`"
-            )));
-        };
+        let pid = self.running_leader(name, &[ShimState::Running])?;
         let mut child = self
             .enter(name, pid, user, &g)?
             .args(argv)
@@ -770,16 +760,7 @@ impl Engine {
                 "an interactive session in VM `{name}` is its console: `berth console {name}`"
             )));
         }
-        let live = client::status(&self.paths(name));
-        let Some(pid) = live
-            .as_ref()
-            .filter(|s| s.state == ShimState::Running)
-            .and_then(|s| s.leader_pid)
-        else {
-            return Err(EngineError::Conflict(format!(
-                "guest `{name}` is not running; start it with `berth start {name}`"
-            )));
-        };
+        let pid = self.running_leader(name, &[ShimState::Running])?;
         let ws = nix::pty::Winsize {
             ws_row: rows.max(1),
             ws_col: cols.max(1),
@@ -818,6 +799,25 @@ impl Engine {
             .map_err(|e| EngineError::guest(name, format!("running nsenter (util-linux): {e}")))?;
         drop(slave);
         Ok((child, std::fs::File::from(pty.master)))
+    }
+
+    /// The leader PID of guest `name` if its supervisor reports one of
+    /// `states`; otherwise a conflict that says how to start it.
+    fn running_leader(&self, name: &str, states: &[ShimState]) -> Result<i32, EngineError> {
+        let live = client::status(&self.paths(name));
+        match live
+            .as_ref()
+            .filter(|s| states.contains(&s.state))
+            .and_then(|s| s.leader_pid)
+        {
+            Some(pid) => Ok(pid),
+            None => {
+                let state = live.map(|s| s.state.as_str()).unwrap_or("stopped");
+                Err(EngineError::Conflict(format!(
+                    "guest `{name}` is not running ({state}); start it with `berth start {name}`"
+                )))
+            }
+        }
     }
 
     /// `nsenter` into all namespaces of container `name` (leader `pid`), as
@@ -883,16 +883,7 @@ impl Engine {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
         let paths = self.paths(name);
-        let live = client::status(&paths);
-        if !live
-            .as_ref()
-            .is_some_and(|s| matches!(s.state, ShimState::Running | ShimState::Booting))
-        {
-            let state = live.map(|s| s.state.as_str()).unwrap_or("stopped");
-            return Err(EngineError::Conflict(format!(
-                "guest `{name}` is not running ({state}); start it with `berth start {name}`"
-            )));
-        }
+        self.running_leader(name, &[ShimState::Running, ShimState::Booting])?;
         let id = format!(
             "{:x}{:x}",
             std::process::id(),

@@ -10,8 +10,17 @@ use std::time::Duration;
 use crate::paths::GuestPaths;
 use crate::proto::{Request, ShimStatus};
 
-/// Sends one request and reads one reply.
+/// Sends one request and reads one reply (a status for most requests).
 pub fn request(socket: &Path, req: &Request, timeout: Duration) -> std::io::Result<ShimStatus> {
+    call(socket, req, timeout)
+}
+
+/// One request, one JSON reply of type `T`.
+fn call<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> std::io::Result<T> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
@@ -36,19 +45,12 @@ pub fn console_script(
     end: &str,
     timeout: Duration,
 ) -> std::io::Result<crate::proto::ConsoleOutput> {
-    let mut s = UnixStream::connect(paths.socket())?;
-    s.set_read_timeout(Some(timeout + Duration::from_secs(5)))?;
     let req = Request::ConsoleScript {
         script: script.into(),
         end: end.into(),
         timeout_ms: timeout.as_millis() as u64,
     };
-    let mut line = serde_json::to_string(&req).map_err(std::io::Error::other)?;
-    line.push('\n');
-    s.write_all(line.as_bytes())?;
-    let mut reply = String::new();
-    BufReader::new(s).read_line(&mut reply)?;
-    serde_json::from_str(&reply).map_err(std::io::Error::other)
+    call(&paths.socket(), &req, timeout + Duration::from_secs(5))
 }
 
 /// The live status, or None when no shim answers on the socket.

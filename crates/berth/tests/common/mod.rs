@@ -222,3 +222,97 @@ pub fn container(name: &str, index: u32, rootfs: &Path, extra: &str) -> String {
         rootfs.display()
     )
 }
+
+/// Everything `r` yields, in pieces, on a channel: a reader thread keeps a
+/// test from hanging on a stream that never ends.
+pub fn read_in_background(
+    mut r: impl std::io::Read + Send + 'static,
+) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// md5 of `data` in hex, by the host's md5sum (to compare with a guest's).
+pub fn md5_hex(data: &[u8]) -> String {
+    let mut md5 = Command::new("md5sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("md5sum");
+    md5.stdin
+        .as_mut()
+        .expect("stdin")
+        .write_all(data)
+        .expect("write");
+    let out = md5.wait_with_output().expect("md5sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// A `berth console` client driven through pipes.
+pub struct ConsoleClient {
+    child: std::process::Child,
+    rx: std::sync::mpsc::Receiver<String>,
+    pub seen: String,
+}
+
+impl ConsoleClient {
+    pub fn attach(b: &Berth, args: &[&str]) -> ConsoleClient {
+        let mut child = b
+            .cmd(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("berth console");
+        let rx = read_in_background(child.stdout.take().expect("stdout"));
+        ConsoleClient {
+            child,
+            rx,
+            seen: String::new(),
+        }
+    }
+
+    pub fn type_(&mut self, s: &[u8]) {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        std::io::Write::write_all(stdin, s).expect("type");
+        std::io::Write::flush(stdin).expect("flush");
+    }
+
+    /// Waits up to 15 s for `needle` in the output.
+    pub fn wait_for(&mut self, needle: &str) -> bool {
+        self.wait_for_within(needle, Duration::from_secs(15))
+    }
+
+    pub fn wait_for_within(&mut self, needle: &str, within: Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while !self.seen.contains(needle) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(s) => self.seen.push_str(&s),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    pub fn detach(mut self) -> std::process::ExitStatus {
+        self.type_(&[0x1d]);
+        self.child.wait().expect("console exit")
+    }
+}
