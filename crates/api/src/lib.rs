@@ -60,6 +60,40 @@ pub struct GuestInfo {
     /// VMs: the accelerator QEMU got, `kvm` or `tcg`.
     #[serde(default)]
     pub accel: Option<String>,
+    /// What the health probes say: `healthy`, `unhealthy`, `unknown`
+    /// (not probed enough yet), `down` (not running); none without a probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+    /// The last failed probe, while not healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_error: Option<String>,
+    /// The group this guest is a member of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Service addresses routed to this guest right now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub serving: Vec<String>,
+    /// Why the guest is out of its service address (`rollout`, `scale`,
+    /// or the host is drained: `host`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drained: Option<String>,
+}
+
+/// Body of `POST /v1/drain`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// true: withdraw every service address from this host's members;
+    /// false: route them again.
+    pub drain: bool,
+}
+
+/// Answer of `POST /v1/drain`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct DrainResponse {
+    pub drained: bool,
+    /// Service addresses and where they are routed now.
+    pub routes: Vec<String>,
 }
 
 /// Body of `POST /v1/plan` and `POST /v1/apply`.
@@ -201,6 +235,8 @@ pub fn openapi() -> serde_json::Value {
     let backups = r(generator.subschema_for::<Vec<BackupInfo>>());
     let restore = r(generator.subschema_for::<RestoreRequest>());
     let error = r(generator.subschema_for::<ErrorBody>());
+    let drain_req = r(generator.subschema_for::<DrainRequest>());
+    let drain_resp = r(generator.subschema_for::<DrainResponse>());
     let defs = generator.take_definitions(true);
 
     let ok = |schema: &serde_json::Value, what: &str| json!({ "description": what, "content": { "application/json": { "schema": schema } } });
@@ -318,6 +354,12 @@ pub fn openapi() -> serde_json::Value {
             "/v1/guests/{name}/start": action("Start"),
             "/v1/guests/{name}/stop": action("Stop"),
             "/v1/guests/{name}/restart": action("Restart"),
+            "/v1/drain": { "post": {
+                "summary": "withdraw every group's service address from this host (before host maintenance), or route them again",
+                "operationId": "drain",
+                "requestBody": body(&drain_req),
+                "responses": { "200": ok(&drain_resp, "the drain state and the routes now"), "500": err("a route could not be changed") }
+            } },
             "/v1/plan": { "post": { "summary": "plan a spec against the current state", "operationId": "plan", "requestBody": body(&spec_req), "responses": { "200": ok(&plan, "the plan"), "400": err("the body is not a spec"), "422": err("the spec is invalid; details lists every error") } } },
             "/v1/apply": { "post": {
                 "summary": "apply a spec; streams progress",

@@ -66,8 +66,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// List guests with their state, leader PID and addresses.
+    /// List guests with their state, leader PID, health and addresses.
+    ///
+    /// HEALTH is what the spec's `health` probe says (healthy, unhealthy,
+    /// unknown = not probed enough yet, down = not running); a `*` marks the
+    /// group members a service address is routed to right now.
     Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Withdraw every group's service address from this host before host
+    /// maintenance (`--undo` routes them again). Guests keep running.
+    ///
+    ///   berth drain          stop routing VIPs to this host's members
+    ///   berth drain --undo   route them again (to healthy members)
+    #[command(verbatim_doc_comment)]
+    Drain {
+        #[arg(long)]
+        undo: bool,
         #[arg(long)]
         json: bool,
     },
@@ -185,6 +201,25 @@ pub fn run() -> Result<ExitCode> {
         Cmd::Plan { file, json } => plan(&client, &file, json),
         Cmd::Apply { file, yes, json } => apply(&client, &file, yes, json),
         Cmd::Ps { json } => ps(&client, json),
+        Cmd::Drain { undo, json } => {
+            let body = serde_json::json!({ "drain": !undo });
+            let r: berth_api::DrainResponse = client.call("POST", "/v1/drain", Some(&body))?;
+            if json {
+                return print_json(&r);
+            }
+            println!(
+                "{}",
+                if r.drained {
+                    "host drained: no service address is routed to its guests (undo with `berth drain --undo`)"
+                } else {
+                    "host not drained: service addresses go to healthy members"
+                }
+            );
+            for line in &r.routes {
+                println!("  {line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Logs {
             name,
             follow,
@@ -474,12 +509,22 @@ fn ps(client: &Client, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<16} {:<10} {:>5} {:<11} {:>8} {:>8}  ADDRESSES",
-        "NAME", "KIND", "INDEX", "STATE", "PID", "RESTARTS"
+        "{:<16} {:<10} {:>5} {:<11} {:>8} {:>8} {:<10}  ADDRESSES",
+        "NAME", "KIND", "INDEX", "STATE", "PID", "RESTARTS", "HEALTH"
     );
     for g in guests {
+        let mut health = g.health.clone().unwrap_or_else(|| "-".into());
+        if !g.serving.is_empty() {
+            health.push('*');
+        } else if g.drained.is_some() {
+            health.push_str("(d)");
+        }
+        let mut addrs = g.addresses.join(" ");
+        if !g.serving.is_empty() {
+            addrs.push_str(&format!("  vip {}", g.serving.join(" ")));
+        }
         println!(
-            "{:<16} {:<10} {:>5} {:<11} {:>8} {:>8}  {}",
+            "{:<16} {:<10} {:>5} {:<11} {:>8} {:>8} {:<10}  {}",
             g.name,
             match &g.accel {
                 Some(a) => format!("{}/{a}", g.kind),
@@ -489,7 +534,8 @@ fn ps(client: &Client, json: bool) -> Result<ExitCode> {
             g.state,
             g.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             g.restarts,
-            g.addresses.join(" ")
+            health,
+            addrs
         );
     }
     Ok(ExitCode::SUCCESS)

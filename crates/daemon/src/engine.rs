@@ -57,7 +57,23 @@ pub struct Engine {
     pub store: Store,
     /// The berth executable shims are started from.
     pub exe: PathBuf,
+    /// Health of probed guests (in memory; see [`crate::health`]).
+    pub health: crate::health::HealthBoard,
+    /// Members each service address is routed to, as last set (see
+    /// [`crate::vip`]); its lock serialises route changes.
+    pub vip_routes: std::sync::Mutex<std::collections::BTreeMap<std::net::IpAddr, Vec<String>>>,
+    /// Bumped whenever a guest record changes.
+    pub guests_gen: std::sync::atomic::AtomicU64,
 }
+
+/// Store key of the groups as last applied (JSON).
+const GROUPS_KEY: &str = "groups";
+/// Store key prefix of drained guests (value: why).
+const DRAIN_KEY: &str = "drain/";
+/// Store key of the host drain flag.
+const HOST_DRAIN_KEY: &str = "host/drain";
+/// Store key of the generation an apply is working on (gone when it ends).
+pub const APPLY_KEY: &str = "apply/running";
 
 fn now() -> i64 {
     SystemTime::now()
@@ -67,6 +83,114 @@ fn now() -> i64 {
 }
 
 impl Engine {
+    pub fn new(state_dir: PathBuf, store: Store, exe: PathBuf) -> Engine {
+        Engine {
+            state_dir,
+            store,
+            exe,
+            health: Default::default(),
+            vip_routes: Default::default(),
+            guests_gen: Default::default(),
+        }
+    }
+
+    /// Changes whenever a guest record changes (for the health monitor).
+    pub fn guests_changed(&self) -> u64 {
+        self.guests_gen.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn touch_guests(&self) {
+        self.guests_gen
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.health.poke();
+    }
+
+    /// Every recorded guest's applied config (unreadable records skipped).
+    pub fn applied_guests(&self) -> Result<Vec<Guest>, EngineError> {
+        Ok(self
+            .store
+            .guests()?
+            .iter()
+            .filter(|r| r.phase == Phase::Ready)
+            .filter_map(|r| self.applied(r).ok())
+            .collect())
+    }
+
+    /// Groups as last applied.
+    pub fn applied_groups(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, berth_spec::Group>, EngineError> {
+        Ok(self
+            .store
+            .kv(GROUPS_KEY)?
+            .and_then(|j| serde_json::from_str(&j).ok())
+            .unwrap_or_default())
+    }
+
+    pub fn set_groups(
+        &self,
+        groups: &std::collections::BTreeMap<String, berth_spec::Group>,
+    ) -> Result<(), EngineError> {
+        let j = serde_json::to_string(groups).map_err(|e| EngineError::Host(e.to_string()))?;
+        self.store.set_kv(GROUPS_KEY, &j)?;
+        self.health.poke();
+        Ok(())
+    }
+
+    /// Guests taken out of their service address.
+    pub fn drained(&self) -> Result<std::collections::BTreeSet<String>, EngineError> {
+        Ok(self
+            .store
+            .kv_prefix(DRAIN_KEY)?
+            .into_iter()
+            .map(|(k, _)| k[DRAIN_KEY.len()..].to_owned())
+            .collect())
+    }
+
+    /// Takes `guest` out of its service address (`why`: "rollout", "scale", "operator").
+    pub fn set_drain(&self, guest: &str, why: &str) -> Result<(), EngineError> {
+        self.store.set_kv(&format!("{DRAIN_KEY}{guest}"), why)?;
+        self.health.poke();
+        Ok(())
+    }
+
+    pub fn clear_drain(&self, guest: &str) -> Result<(), EngineError> {
+        self.store.delete_kv(&format!("{DRAIN_KEY}{guest}"))?;
+        self.health.poke();
+        Ok(())
+    }
+
+    /// Why `guest` is drained, if it is.
+    pub fn drain_reason(&self, guest: &str) -> Result<Option<String>, EngineError> {
+        Ok(self.store.kv(&format!("{DRAIN_KEY}{guest}"))?)
+    }
+
+    pub fn host_drained(&self) -> Result<bool, EngineError> {
+        Ok(self.store.kv(HOST_DRAIN_KEY)?.is_some())
+    }
+
+    /// `berth drain`: withdraws every service address from this host (or
+    /// brings them back with `on = false`), and waits until the routes follow.
+    pub fn set_host_drain(&self, on: bool) -> Result<(), EngineError> {
+        if on {
+            self.store.set_kv(HOST_DRAIN_KEY, "1")?;
+        } else {
+            self.store.delete_kv(HOST_DRAIN_KEY)?;
+        }
+        crate::vip::reconcile(self).map_err(EngineError::Host)?;
+        self.health.poke();
+        Ok(())
+    }
+
+    /// Whether a service address currently routes to `guest`.
+    pub fn carries_vip(&self, guest: &str) -> bool {
+        self.vip_routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|v| v.iter().any(|m| m == guest))
+    }
+
     pub fn paths(&self, guest: &str) -> GuestPaths {
         GuestPaths::new(&self.state_dir, guest)
     }
@@ -112,7 +236,11 @@ impl Engine {
             };
             guests.insert(rec.name.clone(), ObservedGuest { applied, status });
         }
-        Ok(Observed { host, guests })
+        Ok(Observed {
+            host,
+            guests,
+            groups: self.applied_groups()?,
+        })
     }
 
     /// `berth ps` rows.
@@ -169,6 +297,25 @@ impl Engine {
                 .map(|e| e.describe()),
             accel: last.as_ref().and_then(|s| s.accel.clone()),
             message: last.and_then(|s| s.message),
+            health: (g.health.is_some() || g.group.is_some())
+                .then(|| self.health.status(&rec.name).as_str().to_owned()),
+            health_error: self
+                .health
+                .get(&rec.name)
+                .filter(|h| h.status != crate::health::Status::Healthy)
+                .and_then(|h| h.last_error),
+            group: g.group.clone(),
+            serving: crate::vip::serving(self)
+                .remove(&rec.name)
+                .unwrap_or_default()
+                .iter()
+                .map(|a| a.to_string())
+                .collect(),
+            drained: match (g.group.is_some(), self.drain_reason(&rec.name)?) {
+                (_, Some(why)) => Some(why),
+                (true, None) if self.host_drained()? => Some("host".into()),
+                _ => None,
+            },
         })
     }
 
@@ -178,9 +325,13 @@ impl Engine {
     /// source filters list every index the host allows (1..max_guests), so it
     /// depends on the host config alone: creating or removing a guest never
     /// touches it, and it is rewritten only when the host config changes.
-    pub fn apply_host(&self, host: &Host) -> Result<(), EngineError> {
+    pub fn apply_host(
+        &self,
+        host: &Host,
+        groups: &[&std::collections::BTreeMap<String, berth_spec::Group>],
+    ) -> Result<(), EngineError> {
         berth_net::enable_forwarding().map_err(|e| EngineError::Host(e.to_string()))?;
-        berth_net::apply_ruleset(&firewall_of(host))
+        berth_net::apply_ruleset(&firewall_of(host, groups))
             .map_err(|e| EngineError::Host(e.to_string()))?;
         self.store.add_resource(&Resource {
             kind: "nft_table".into(),
@@ -198,7 +349,7 @@ impl Engine {
             .host()?
             .and_then(|j| serde_json::from_str::<Host>(&j).ok())
         {
-            Some(host) => self.apply_host(&host),
+            Some(host) => self.apply_host(&host, &[&self.applied_groups()?]),
             None => Ok(()),
         }
     }
@@ -367,6 +518,7 @@ impl Engine {
             removed.push(format!("dir {}", dir.display()));
         }
         self.store.delete_guest(name)?;
+        self.touch_guests();
         Ok(removed)
     }
 
@@ -389,6 +541,7 @@ impl Engine {
             generation,
             updated_at: now(),
         })?;
+        self.touch_guests();
         for (kind, rname) in [
             ("link", g.link.clone()),
             ("cgroup", format!("berth/{}", g.name)),
@@ -1035,7 +1188,10 @@ impl Engine {
 
 /// The firewall of a host: NAT for its subnets, and source filters for
 /// every guest index it allows.
-pub fn firewall_of(host: &Host) -> berth_net::Firewall {
+pub fn firewall_of(
+    host: &Host,
+    groups: &[&std::collections::BTreeMap<String, berth_spec::Group>],
+) -> berth_net::Firewall {
     berth_net::Firewall {
         uplink: host.uplink.clone(),
         subnet4: host.subnet4,
@@ -1049,7 +1205,34 @@ pub fn firewall_of(host: &Host) -> berth_net::Firewall {
                 host6: host.subnet6.map(|n| n.network()),
             })
             .collect(),
+        vips: vip_pairs(groups),
     }
+}
+
+/// `(link, VIP)` for every index a member of each group may have, sorted
+/// and without repeats: members answer from their group's service address.
+pub fn vip_pairs(
+    groups: &[&std::collections::BTreeMap<String, berth_spec::Group>],
+) -> Vec<(String, std::net::IpAddr)> {
+    let mut out: Vec<(String, std::net::IpAddr)> = groups
+        .iter()
+        .flat_map(|m| m.values())
+        .flat_map(|g| {
+            let vips: Vec<std::net::IpAddr> = g
+                .vip4
+                .map(std::net::IpAddr::V4)
+                .into_iter()
+                .chain(g.vip6.map(std::net::IpAddr::V6))
+                .collect();
+            (0..g.replicas).flat_map(move |i| {
+                let link = format!("vb{}", g.index_base + i);
+                vips.clone().into_iter().map(move |v| (link.clone(), v))
+            })
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 pub fn link_of(g: &Guest) -> berth_net::GuestLink {

@@ -27,11 +27,8 @@ struct App {
     apply_lock: Arc<Mutex<()>>,
 }
 
-pub fn router(engine: Arc<Engine>) -> axum::Router {
-    let app = App {
-        engine,
-        apply_lock: Arc::new(Mutex::new(())),
-    };
+pub fn router(engine: Arc<Engine>, apply_lock: Arc<Mutex<()>>) -> axum::Router {
+    let app = App { engine, apply_lock };
     axum::Router::new()
         .route("/v1/version", get(version))
         .route("/v1/guests", get(list).delete(destroy_all))
@@ -48,6 +45,7 @@ pub fn router(engine: Arc<Engine>) -> axum::Router {
         .route("/v1/guests/{name}/restore", post(restore))
         .route("/v1/plan", post(plan))
         .route("/v1/apply", post(apply))
+        .route("/v1/drain", post(drain))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -610,6 +608,36 @@ fn warnings(desired: &Desired) -> Vec<String> {
     w
 }
 
+async fn drain(
+    State(app): State<App>,
+    body: Result<Json<berth_api::DrainRequest>, JsonRejection>,
+) -> Result<Json<berth_api::DrainResponse>, ApiError> {
+    let Json(req) = body?;
+    let e = app.engine.clone();
+    let resp = blocking(move || {
+        e.set_host_drain(req.drain)?;
+        let routes = e
+            .vip_routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(vip, to)| {
+                if to.is_empty() {
+                    format!("{vip} withdrawn")
+                } else {
+                    format!("{vip} -> {}", to.join(" + "))
+                }
+            })
+            .collect();
+        Ok(berth_api::DrainResponse {
+            drained: e.host_drained()?,
+            routes,
+        })
+    })
+    .await?;
+    Ok(Json(resp))
+}
+
 async fn plan(
     State(app): State<App>,
     body: Result<Json<SpecRequest>, JsonRejection>,
@@ -713,6 +741,17 @@ fn run_apply(
         return fail(format!("not starting anything: {e}"));
     }
 
+    // A rolling update that cannot keep min_available is refused before
+    // anything changes.
+    let blocked: Vec<String> = plan
+        .rollouts
+        .iter()
+        .filter_map(|r| r.blocked.clone())
+        .collect();
+    if !blocked.is_empty() {
+        return fail(format!("not applying anything: {}", blocked.join("; ")));
+    }
+
     let (generation, plan_id) = match (
         engine.store.save_spec(source, spec_json),
         engine.store.next_plan_id(),
@@ -720,12 +759,131 @@ fn run_apply(
         (Ok(g), Ok(p)) => (g, p),
         (Err(e), _) | (_, Err(e)) => return fail(e.to_string()),
     };
+    run_plan(engine, desired, &observed, &plan, generation, plan_id, tx);
+}
+
+/// Goes on with the apply of spec `generation` that a daemon killed
+/// half-way left behind: plans that spec again against what is there now
+/// (members already updated need nothing) and executes the rest.
+pub(crate) fn resume(engine: &Engine, generation: &str) {
+    let Some(rec) = generation
+        .parse::<i64>()
+        .ok()
+        .and_then(|g| engine.store.spec(g).ok().flatten())
+    else {
+        let _ = engine.store.delete_kv(crate::engine::APPLY_KEY);
+        return;
+    };
+    let desired = serde_json::from_str::<berth_spec::Spec>(&rec.spec_json)
+        .map_err(|e| e.to_string())
+        .and_then(|spec| {
+            berth_spec::validate(&spec, std::path::Path::new(&rec.source), &LocalProbe)
+                .map_err(|errs| berth_spec::format_errors(&errs))
+        });
+    let (desired, observed) = match desired.map(|d| (engine.observed(), d)) {
+        Ok((Ok(o), d)) => (d, o),
+        Ok((Err(e), _)) => {
+            tracing::error!("resuming the interrupted apply: {e}");
+            return;
+        }
+        Err(e) => {
+            tracing::error!("not resuming the interrupted apply of {}: {e}", rec.source);
+            let _ = engine.store.delete_kv(crate::engine::APPLY_KEY);
+            return;
+        }
+    };
+    let plan = berth_plan::plan(&desired, &observed);
+    tracing::info!(
+        "resuming the interrupted apply of {} (generation {}): {}",
+        rec.source,
+        rec.generation,
+        plan.summary()
+    );
+    let plan_id = match engine.store.next_plan_id() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("resuming the interrupted apply: {e}");
+            return;
+        }
+    };
+    let (tx, mut rx) = mpsc::channel::<ApplyEvent>(256);
+    let logger = std::thread::spawn(move || {
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                ApplyEvent::Step {
+                    guest,
+                    step,
+                    status,
+                    message,
+                    ..
+                } => tracing::info!(
+                    "resume: {} {step} {status:?} {message}",
+                    guest.as_deref().unwrap_or("host")
+                ),
+                ApplyEvent::Done {
+                    ok,
+                    summary,
+                    errors,
+                } => tracing::info!("resume done (ok: {ok}): {summary} {}", errors.join("; ")),
+                _ => {}
+            }
+        }
+    });
+    run_plan(
+        engine,
+        &desired,
+        &observed,
+        &plan,
+        rec.generation,
+        plan_id,
+        &tx,
+    );
+    drop(tx);
+    let _ = logger.join();
+}
+
+/// Executes `plan` (saved as `generation`). Also the resume path after a
+/// daemon restart in the middle of an apply.
+pub(crate) fn run_plan(
+    engine: &Engine,
+    desired: &Desired,
+    observed: &berth_plan::Observed,
+    plan: &Plan,
+    generation: i64,
+    plan_id: i64,
+    tx: &mpsc::Sender<ApplyEvent>,
+) {
+    let send = |ev: ApplyEvent| {
+        let _ = tx.blocking_send(ev);
+    };
+    let fail = |msg: String| {
+        send(ApplyEvent::Done {
+            ok: false,
+            summary: "apply failed".into(),
+            errors: vec![msg],
+        });
+    };
+    // An apply in progress is resumed if the daemon dies before its end.
+    let _ = engine
+        .store
+        .set_kv(crate::engine::APPLY_KEY, &generation.to_string());
     let mut errors = Vec::new();
 
     // Host: forwarding, NAT and source filters, before any guest starts.
     // The table depends on the host config only, so it is rewritten only
     // when that changed (or was never applied).
-    if observed.host.as_ref() != Some(&desired.host) {
+    // Members answer from their group's service address: the source
+    // filters list it for every index a member (old or new) may have.
+    let vip_pairs = crate::engine::vip_pairs(&[&desired.groups, &observed.groups]);
+    let vip_key = serde_json::to_string(&vip_pairs).unwrap_or_default();
+    let vips_changed = engine
+        .store
+        .kv("firewall/vips")
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| "[]".into())
+        != vip_key;
+    if observed.host.as_ref() != Some(&desired.host) || vips_changed {
         let t = Instant::now();
         send(step(
             None,
@@ -734,11 +892,14 @@ fn run_apply(
             "forwarding, NAT and source filters".into(),
             t,
         ));
-        let res = engine.apply_host(&desired.host).and_then(|()| {
-            let j = serde_json::to_string(&desired.host)
-                .map_err(|e| EngineError::Host(e.to_string()))?;
-            Ok(engine.store.put_host(&j)?)
-        });
+        let res = engine
+            .apply_host(&desired.host, &[&desired.groups, &observed.groups])
+            .and_then(|()| Ok(engine.store.set_kv("firewall/vips", &vip_key)?))
+            .and_then(|()| {
+                let j = serde_json::to_string(&desired.host)
+                    .map_err(|e| EngineError::Host(e.to_string()))?;
+                Ok(engine.store.put_host(&j)?)
+            });
         match res {
             Ok(()) => send(step(None, "host", StepStatus::Done, String::new(), t)),
             Err(e) => {
@@ -748,13 +909,60 @@ fn run_apply(
         }
     }
 
+    // Groups: the controller routes service addresses by the applied groups.
+    if let Err(e) = engine.set_groups(&desired.groups) {
+        return fail(e.to_string());
+    }
+    let rolled = crate::rollout::touched(plan, desired);
+    // Drains left by an earlier rollout or scale-down that this plan no
+    // longer needs (a daemon restart in the middle of one).
+    for d in engine.drained().unwrap_or_default() {
+        let why = engine.drain_reason(&d).ok().flatten();
+        let ours = matches!(why.as_deref(), Some("rollout") | Some("scale"));
+        let still = rolled.contains(&d)
+            || plan
+                .actions
+                .iter()
+                .any(|a| a.kind == ActionKind::Destroy && a.guest.as_deref() == Some(d.as_str()));
+        if ours && !still {
+            let _ = engine.clear_drain(&d);
+        }
+    }
+
     let (destroys, rest): (Vec<&Action>, Vec<&Action>) = plan
         .actions
         .iter()
-        .filter(|a| a.guest.is_some())
+        .filter(|a| {
+            a.guest
+                .as_deref()
+                .is_some_and(|g| !rolled.iter().any(|r| r == g))
+        })
         .partition(|a| a.kind == ActionKind::Destroy);
     for a in destroys {
-        if let Err(e) = run_action(engine, desired, &observed, a, generation, plan_id, &send) {
+        // A member leaving its group stops carrying the service address
+        // before it stops (scale down: highest index first).
+        if let Some(name) = a.guest.as_deref()
+            && let Some(gname) = observed
+                .guests
+                .get(name)
+                .and_then(|o| o.applied.group.clone())
+        {
+            let drain_ms = desired
+                .groups
+                .get(&gname)
+                .or_else(|| observed.groups.get(&gname))
+                .map_or(0, |g| g.drain_ms);
+            let _ = engine.set_drain(name, "scale");
+            if let Err(e) = crate::vip::reconcile(engine) {
+                tracing::warn!("service addresses: {e}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(drain_ms));
+        }
+        let res = run_action(engine, desired, observed, a, generation, plan_id, &send);
+        if let Some(name) = a.guest.as_deref() {
+            let _ = engine.clear_drain(name);
+        }
+        if let Err(e) = res {
             errors.push(e);
         }
     }
@@ -773,7 +981,7 @@ fn run_apply(
         let handles: Vec<_> = rest
             .iter()
             .map(|a| {
-                s.spawn(|| run_action(engine, desired, &observed, a, generation, plan_id, &send))
+                s.spawn(|| run_action(engine, desired, observed, a, generation, plan_id, &send))
             })
             .collect();
         for h in handles {
@@ -784,6 +992,28 @@ fn run_apply(
             }
         }
     });
+    // Rolling updates: groups side by side, members one batch at a time.
+    std::thread::scope(|s| {
+        let handles: Vec<_> = plan
+            .rollouts
+            .iter()
+            .map(|r| {
+                s.spawn(|| {
+                    crate::rollout::run(
+                        engine, desired, observed, plan, r, generation, plan_id, &send,
+                    )
+                })
+            })
+            .collect();
+        for h in handles {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.push(e),
+                Err(_) => errors.push("internal error: a rollout panicked".into()),
+            }
+        }
+    });
+    let _ = engine.store.delete_kv(crate::engine::APPLY_KEY);
 
     let ok = errors.is_empty();
     if ok && let Err(e) = engine.store.mark_applied(generation) {

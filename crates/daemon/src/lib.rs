@@ -5,7 +5,10 @@
 //! start it re-adopts them by asking their shims (see [`engine::Engine::readopt`]).
 
 pub mod engine;
+mod health;
 mod http;
+mod rollout;
+mod vip;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -50,11 +53,7 @@ pub async fn serve(opts: Options) -> Result<(), DaemonError> {
     let store = berth_store::Store::open(&opts.state_dir)?;
     let exe = std::env::current_exe().map_err(DaemonError::Exe)?;
     let listener = bind(&opts.socket)?;
-    let engine = Arc::new(Engine {
-        state_dir: opts.state_dir.clone(),
-        store,
-        exe,
-    });
+    let engine = Arc::new(Engine::new(opts.state_dir.clone(), store, exe));
     tracing::info!(socket = %opts.socket.display(), state_dir = %opts.state_dir.display(), pid = std::process::id(), "berth daemon listening");
 
     // Re-adopt before serving: requests wait in the socket's backlog, so no
@@ -76,12 +75,34 @@ pub async fn serve(opts: Options) -> Result<(), DaemonError> {
         }
     }
 
+    // Health probes and the service-address controller.
+    tokio::spawn(health::monitor(Arc::clone(&engine)));
+    {
+        let engine = Arc::clone(&engine);
+        if let Err(e) = std::thread::Builder::new()
+            .name("berth-vip".into())
+            .spawn(move || vip::controller(engine))
+        {
+            tracing::error!("cannot start the service-address controller: {e}");
+        }
+    }
+    // An apply the last daemon did not finish (killed mid-rollout) goes on.
+    let apply_lock = Arc::new(tokio::sync::Mutex::new(()));
+    if let Ok(Some(generation)) = engine.store.kv(engine::APPLY_KEY) {
+        let guard = Arc::clone(&apply_lock).lock_owned().await;
+        let engine = Arc::clone(&engine);
+        tokio::task::spawn_blocking(move || {
+            let _guard = guard;
+            http::resume(&engine, &generation);
+        });
+    }
+
     notify(&format!(
         "READY=1\nMAINPID={}\nSTATUS=serving on {}",
         std::process::id(),
         opts.socket.display()
     ));
-    let app = http::router(engine);
+    let app = http::router(engine, apply_lock);
     let shutdown = async {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int)) = (

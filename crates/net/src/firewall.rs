@@ -63,6 +63,10 @@ pub struct Firewall {
     pub subnet4: Ipv4Net,
     pub subnet6: Option<Ipv6Net>,
     pub guests: Vec<GuestLink>,
+    /// Extra `(link, address)` pairs a guest may send from: the service
+    /// addresses (VIPs) of the groups it may be a member of, since a member
+    /// answers requests for the VIP from the VIP.
+    pub vips: Vec<(String, std::net::IpAddr)>,
 }
 
 fn table() -> Value {
@@ -112,14 +116,21 @@ fn is_ula(net: &Ipv6Net) -> bool {
 }
 
 /// The sets of (guest link, address) pairs allowed as packet sources.
-fn guest_sets(guests: &[GuestLink]) -> Vec<Value> {
+fn guest_sets(guests: &[GuestLink], vips: &[(String, std::net::IpAddr)]) -> Vec<Value> {
+    let vip = |v6: bool| {
+        vips.iter()
+            .filter(move |(_, a)| a.is_ipv6() == v6)
+            .map(|(l, a)| json!({"concat": [l, a.to_string()]}))
+    };
     let elems4: Vec<Value> = guests
         .iter()
         .map(|g| json!({"concat": [g.name, g.guest4.to_string()]}))
+        .chain(vip(false))
         .collect();
     let elems6: Vec<Value> = guests
         .iter()
         .filter_map(|g| g.guest6.map(|a| json!({"concat": [g.name, a.to_string()]})))
+        .chain(vip(true))
         .collect();
     let set = |name: &str, addr: &str, elems: Vec<Value>| {
         let mut s = json!({
@@ -191,7 +202,7 @@ pub fn render_ruleset(fw: &Firewall) -> Value {
         chain("postrouting", "nat", "postrouting", 100),
     ];
 
-    cmds.extend(guest_sets(&fw.guests));
+    cmds.extend(guest_sets(&fw.guests, &fw.vips));
     cmds.extend(antispoof_rules());
 
     let uplink_in = || matches("==", meta("iifname"), json!(fw.uplink));
@@ -401,6 +412,7 @@ mod tests {
                     host6: None,
                 },
             ],
+            vips: vec![("vb2".into(), "10.9.0.1".parse().unwrap())],
         }
     }
 
@@ -494,7 +506,12 @@ mod tests {
         assert_eq!(sets[0]["type"], json!(["ifname", "ipv4_addr"]));
         assert_eq!(
             sets[0]["elem"],
-            json!([{"concat": ["vb2", "10.0.0.2"]}, {"concat": ["vb3", "10.0.0.3"]}])
+            json!([
+                {"concat": ["vb2", "10.0.0.2"]},
+                {"concat": ["vb3", "10.0.0.3"]},
+                // A group member may answer from its group's service address.
+                {"concat": ["vb2", "10.9.0.1"]}
+            ])
         );
         // vb3 has no IPv6: it is not in guest6, so only link-local passes.
         assert_eq!(sets[1]["elem"], json!([{"concat": ["vb2", "fd00::2"]}]));

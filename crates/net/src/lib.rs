@@ -12,6 +12,7 @@
 mod error;
 mod firewall;
 mod link;
+mod vip;
 
 pub use error::NetError;
 pub use firewall::{
@@ -21,4 +22,7 @@ pub use firewall::{
 pub use link::{
     CONTAINER_IFNAME, Forwarding, GuestLink, delete_link, enable_forwarding, interface_exists,
     link_rx_packets, list_links, routes_within, setup_container_link, setup_host_side,
+};
+pub use vip::{
+    RTPROT_BERTH, VipTarget, add_loopback_addrs, delete_vip_route, set_vip_route, vip_route,
 };

@@ -26,7 +26,7 @@ pub const CONTAINER_IFNAME: &str = "host0";
 
 /// The loopback device is always ifindex 1 in every network namespace
 /// (`LOOPBACK_IFINDEX` in the kernel).
-const LOOPBACK_IFINDEX: u32 = 1;
+pub(crate) const LOOPBACK_IFINDEX: u32 = 1;
 
 const ENOENT: i32 = nix::libc::ENOENT;
 const ENODEV: i32 = nix::libc::ENODEV;
@@ -62,7 +62,7 @@ pub struct Forwarding {
     pub ipv6_was_on: bool,
 }
 
-fn runtime() -> Result<Runtime, NetError> {
+pub(crate) fn runtime() -> Result<Runtime, NetError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
@@ -85,7 +85,7 @@ fn connect_here(rt: &Runtime, netns: &str) -> Result<Handle, NetError> {
 /// The socket is created on a short-lived helper thread that `setns`es into
 /// `ns` (setns only affects the calling thread); a netlink socket stays bound
 /// to the namespace it was created in, so it can then be used from here.
-fn connect_in(rt: &Runtime, ns: BorrowedFd<'_>, pid: i32) -> Result<Handle, NetError> {
+pub(crate) fn connect_in(rt: &Runtime, ns: BorrowedFd<'_>, pid: i32) -> Result<Handle, NetError> {
     let netns = format!("netns of pid {pid}");
     let (conn, handle) = std::thread::scope(|s| {
         let worker = std::thread::Builder::new()
@@ -112,7 +112,7 @@ fn connect_in(rt: &Runtime, ns: BorrowedFd<'_>, pid: i32) -> Result<Handle, NetE
     Ok(handle)
 }
 
-fn nl_err(
+pub(crate) fn nl_err(
     op: impl Into<String>,
     target: impl Into<String>,
 ) -> impl FnOnce(rtnetlink::Error) -> NetError {
@@ -122,7 +122,7 @@ fn nl_err(
 }
 
 /// The errno of a netlink error, if it is one.
-fn errno(err: &rtnetlink::Error) -> Option<i32> {
+pub(crate) fn errno(err: &rtnetlink::Error) -> Option<i32> {
     match err {
         rtnetlink::Error::NetlinkError(msg) => msg.to_io().raw_os_error(),
         _ => None,
@@ -164,7 +164,7 @@ async fn link_index(handle: &Handle, name: &str, netns: &str) -> Result<Option<u
     }
 }
 
-async fn add_addr(
+pub(crate) async fn add_addr(
     handle: &Handle,
     index: u32,
     ifname: &str,
@@ -471,7 +471,7 @@ async fn delete_index(handle: &Handle, index: u32, name: &str) -> Result<bool, N
     }
 }
 
-fn block_on<T, F, Fut>(f: F) -> Result<T, NetError>
+pub(crate) fn block_on<T, F, Fut>(f: F) -> Result<T, NetError>
 where
     F: FnOnce(Handle) -> Fut,
     Fut: Future<Output = Result<T, NetError>>,
@@ -503,7 +503,7 @@ fn link_name(msg: &LinkMessage) -> Option<&str> {
     })
 }
 
-async fn all_links(handle: &Handle) -> Result<Vec<(u32, String)>, NetError> {
+pub(crate) async fn all_links(handle: &Handle) -> Result<Vec<(u32, String)>, NetError> {
     let msgs: Vec<LinkMessage> = handle
         .link()
         .get()
@@ -560,7 +560,7 @@ pub fn enable_forwarding() -> Result<Forwarding, NetError> {
     })
 }
 
-fn route_table(msg: &RouteMessage) -> u32 {
+pub(crate) fn route_table(msg: &RouteMessage) -> u32 {
     msg.attributes
         .iter()
         .find_map(|a| match a {
@@ -570,7 +570,7 @@ fn route_table(msg: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(msg.header.table))
 }
 
-fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+pub(crate) fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
     match a {
         RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
         RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),

@@ -234,6 +234,7 @@ fn container_link_routes_firewall_and_cleanup() {
         subnet4: net4,
         subnet6: Some(net6),
         guests: vec![link.clone()],
+        vips: vec![],
     };
 
     in_netns(&host_path, || {

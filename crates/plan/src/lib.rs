@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use berth_spec::{ByteSize, Desired, Guest, Host};
+use berth_spec::{ByteSize, Desired, Group, Guest, Host};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -77,6 +77,9 @@ pub struct Observed {
     /// Host settings last applied; `None` before the first apply.
     pub host: Option<Host>,
     pub guests: BTreeMap<String, ObservedGuest>,
+    /// Groups as last applied.
+    #[serde(default)]
+    pub groups: BTreeMap<String, Group>,
 }
 
 impl Observed {
@@ -99,6 +102,7 @@ impl Observed {
                     )
                 })
                 .collect(),
+            groups: desired.groups.clone(),
         }
     }
 }
@@ -209,6 +213,38 @@ pub struct Plan {
     pub actions: Vec<Action>,
     /// Guests that need nothing.
     pub unchanged: Vec<String>,
+    /// Groups whose running members are restarted or replaced: done member
+    /// by member, make-before-break (see [`Rollout`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<Rollout>,
+}
+
+/// A rolling update of one group's running members.
+///
+/// Each step takes up to `batch` members out of the service address (the
+/// route moves to a healthy member first), waits `drain_time`, restarts or
+/// replaces them (their companions with them), waits until they are healthy
+/// for `min_healthy_time` (at most `healthy_deadline`), and puts them back.
+/// A member that does not become healthy in time stops the rollout and,
+/// with `auto_revert`, every member already updated goes back to its
+/// previous config.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    pub group: String,
+    /// Members in update order (by index), each with its companions.
+    pub members: Vec<String>,
+    /// Members updated at once (max_parallel, lowered to keep min_available).
+    pub batch: u32,
+    /// Whether the service address keeps a healthy member throughout.
+    pub service_stays_up: bool,
+    /// Why (or why not), for people.
+    pub service: String,
+    /// One line per step, for people.
+    pub steps: Vec<String>,
+    /// The rollout cannot run as specified (e.g. min_available leaves no
+    /// member that may be taken out); apply refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
 }
 
 impl Plan {
@@ -262,11 +298,33 @@ impl Plan {
             .iter()
             .filter_map(|a| a.guest.as_deref())
             .collect();
-        let tail = if interrupted.is_empty() {
+        let rolled: Vec<&str> = self
+            .rollouts
+            .iter()
+            .flat_map(|r| r.members.iter().map(String::as_str))
+            .collect();
+        let direct: Vec<&str> = interrupted
+            .iter()
+            .copied()
+            .filter(|n| !rolled.contains(n))
+            .collect();
+        let mut tail = if direct.is_empty() {
             "no interruptions".to_string()
         } else {
-            format!("interrupts: {}", interrupted.join(", "))
+            format!("interrupts: {}", direct.join(", "))
         };
+        for r in &self.rollouts {
+            tail.push_str(&format!(
+                "; rolling update of {} ({} member(s), service {})",
+                r.group,
+                r.members.len(),
+                if r.service_stays_up {
+                    "stays up"
+                } else {
+                    "interrupted"
+                }
+            ));
+        }
         format!("{}; {tail}", parts.join(", "))
     }
 }
@@ -294,6 +352,16 @@ impl fmt::Display for Plan {
             )?;
             for c in &a.changes {
                 writeln!(f, "{:>6}{}: {} → {}", "", c.field, c.from, c.to)?;
+            }
+        }
+        for r in &self.rollouts {
+            writeln!(f, "\nrolling update of group {}:", r.group)?;
+            for (i, step) in r.steps.iter().enumerate() {
+                writeln!(f, "  {}. {step}", i + 1)?;
+            }
+            match &r.blocked {
+                Some(why) => writeln!(f, "  refused: {why}")?,
+                None => writeln!(f, "  service address: {}", r.service)?,
             }
         }
         if !self.unchanged.is_empty() {
@@ -493,6 +561,57 @@ fn diff_guest(old: &Guest, new: &Guest) -> Vec<Diff> {
         })
     };
     diff(&mut d, "backup", backup(old), backup(new), Impact::Live);
+    // The probe runs in the daemon: nothing in the guest changes.
+    let health = |g: &Guest| {
+        g.health.as_ref().map_or("none".to_string(), |h| {
+            format!(
+                "{} every {}, timeout {}, {}/{}",
+                h.probe,
+                format_duration_ms(h.interval_ms),
+                format_duration_ms(h.timeout_ms),
+                h.healthy_after,
+                h.unhealthy_after
+            )
+        })
+    };
+    diff(&mut d, "health", health(old), health(new), Impact::Live);
+    // Containers get the service address on their loopback at start; VMs
+    // on their kernel command line.
+    let vip = |g: &Guest| {
+        let v: Vec<String> = g
+            .vip4
+            .map(|a| a.to_string())
+            .into_iter()
+            .chain(g.vip6.map(|a| a.to_string()))
+            .collect();
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    diff(
+        &mut d,
+        "service address",
+        vip(old),
+        vip(new),
+        Impact::Restart,
+    );
+    let of = |o: &Option<String>| o.clone().unwrap_or_else(|| "none".into());
+    diff(
+        &mut d,
+        "group",
+        of(&old.group),
+        of(&new.group),
+        Impact::Live,
+    );
+    diff(
+        &mut d,
+        "companion of",
+        of(&old.companion_of),
+        of(&new.companion_of),
+        Impact::Live,
+    );
     d
 }
 
@@ -793,7 +912,200 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         }
     }
 
-    // Stable sort: within a class, the loops above already go by name.
-    actions.sort_by_key(|a| a.kind.class());
-    Plan { actions, unchanged }
+    companions_follow(desired, observed, &mut actions, &mut unchanged);
+
+    // Stable sort: within a class, the loops above already go by name;
+    // members of a group leave highest index first.
+    let index_of = |a: &Action| {
+        a.guest
+            .as_deref()
+            .and_then(|n| observed.guests.get(n))
+            .map_or(0, |o| o.applied.index)
+    };
+    actions.sort_by_key(|a| {
+        let down = if a.kind == ActionKind::Destroy {
+            u32::MAX - index_of(a)
+        } else {
+            0
+        };
+        (a.kind.class(), down)
+    });
+    let rollouts = rollouts(desired, observed, &actions);
+    Plan {
+        actions,
+        unchanged,
+        rollouts,
+    }
+}
+
+/// A companion restarts with its member: when the member's action stops it
+/// (restart/replace) and the companion would stay as it is, it restarts too.
+fn companions_follow(
+    desired: &Desired,
+    observed: &Observed,
+    actions: &mut Vec<Action>,
+    unchanged: &mut Vec<String>,
+) {
+    let stopping: Vec<String> = actions
+        .iter()
+        .filter(|a| matches!(a.kind, ActionKind::Restart | ActionKind::Replace))
+        .filter_map(|a| a.guest.clone())
+        .collect();
+    for (name, g) in &desired.guests {
+        let Some(member) = g.companion_of.as_deref() else {
+            continue;
+        };
+        if !stopping.iter().any(|m| m == member) {
+            continue;
+        }
+        let Some(obs) = observed.guests.get(name) else {
+            continue;
+        };
+        let reason = format!("restarts with its member {member}");
+        match actions
+            .iter_mut()
+            .find(|a| a.guest.as_deref() == Some(name))
+        {
+            Some(a) if matches!(a.kind, ActionKind::Update | ActionKind::Start) => {
+                a.kind = ActionKind::Restart;
+                a.impact = if obs.status.is_running() {
+                    Impact::Restart
+                } else {
+                    Impact::None
+                };
+                a.reason = format!("{}; {reason}", a.reason);
+                a.start = g.autostart;
+            }
+            Some(_) => {}
+            None => {
+                unchanged.retain(|u| u != name);
+                actions.push(Action {
+                    guest: Some(name.clone()),
+                    kind: ActionKind::Restart,
+                    impact: if obs.status.is_running() {
+                        Impact::Restart
+                    } else {
+                        Impact::None
+                    },
+                    reason,
+                    changes: Vec::new(),
+                    start: g.autostart,
+                });
+            }
+        }
+    }
+}
+
+/// The rolling updates implied by `actions`: per group, its running
+/// members that are restarted or replaced.
+fn rollouts(desired: &Desired, observed: &Observed, actions: &[Action]) -> Vec<Rollout> {
+    let mut out = Vec::new();
+    for (gname, group) in &desired.groups {
+        let mut members: Vec<(u32, String, ActionKind)> = actions
+            .iter()
+            .filter(|a| matches!(a.kind, ActionKind::Restart | ActionKind::Replace))
+            .filter(|a| a.impact >= Impact::Restart)
+            .filter_map(|a| {
+                let name = a.guest.as_deref()?;
+                let g = desired.guests.get(name)?;
+                let old = observed.guests.get(name)?;
+                (g.group.as_deref() == Some(gname) || old.applied.group.as_deref() == Some(gname))
+                    .then(|| (g.index, name.to_string(), a.kind))
+            })
+            .collect();
+        if members.is_empty() {
+            continue;
+        }
+        members.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        // Members serving now that stay in the group.
+        let serving = group
+            .members
+            .iter()
+            .filter(|m| {
+                observed
+                    .guests
+                    .get(*m)
+                    .is_some_and(|o| o.status.is_running())
+            })
+            .count() as u32;
+        let can_leave = serving.saturating_sub(group.min_available);
+        let batch = group.max_parallel.min(can_leave).max(1);
+        let blocked = (can_leave == 0 && group.min_available > 0).then(|| {
+            format!(
+                "group {gname} keeps min_available = {} of {serving} running member(s), so no member may be taken out to update it; add a replica first (replicas = {}) or lower min_available",
+                group.min_available,
+                group.replicas + 1
+            )
+        });
+        let left = serving.saturating_sub(batch);
+        let (stays_up, service) = if !group.has_vip() {
+            (
+                left > 0,
+                format!(
+                    "none (group {gname} has no vip4/vip6); {left} member(s) keep running during each step"
+                ),
+            )
+        } else if left > 0 {
+            (
+                true,
+                format!(
+                    "{} stays up: it is moved to one of the {left} other healthy member(s) before a member stops",
+                    group.vips()
+                ),
+            )
+        } else {
+            (
+                false,
+                format!(
+                    "{} goes DOWN while a member restarts (no other member serves it); raise replicas to keep it up",
+                    group.vips()
+                ),
+            )
+        };
+        let companions = |m: &str| -> Vec<String> {
+            desired
+                .guests
+                .values()
+                .filter(|g| g.companion_of.as_deref() == Some(m))
+                .map(|g| g.name.clone())
+                .collect()
+        };
+        let mut steps = Vec::new();
+        for chunk in members.chunks(batch as usize) {
+            let names: Vec<String> = chunk
+                .iter()
+                .map(|(_, n, k)| {
+                    let mut s = format!("{n} ({k}");
+                    let c = companions(n);
+                    if !c.is_empty() {
+                        s.push_str(&format!(" with {}", c.join(", ")));
+                    }
+                    s.push(')');
+                    s
+                })
+                .collect();
+            steps.push(format!(
+                "take {} out of the service address, wait {}, update, wait until healthy for {} (at most {}), put back",
+                names.join(", "),
+                format_duration_ms(group.drain_ms),
+                format_duration_ms(group.min_healthy_time_ms),
+                format_duration_ms(group.healthy_deadline_ms),
+            ));
+        }
+        if group.auto_revert {
+            steps.push(
+                "if a member is not healthy in time: revert the updated members to their previous config".into(),
+            );
+        }
+        out.push(Rollout {
+            group: gname.clone(),
+            members: members.into_iter().map(|(_, n, _)| n).collect(),
+            batch,
+            service_stays_up: stays_up && blocked.is_none(),
+            service,
+            steps,
+            blocked,
+        });
+    }
+    out
 }

@@ -186,7 +186,7 @@ fn table_every_field() {
         (
             "index",
             none,
-            |s| g(s, "a").index = 7,
+            |s| g(s, "a").index = Some(7),
             vec![("a", K::Replace, I::Replace)],
         ),
         (
@@ -204,7 +204,7 @@ fn table_every_field() {
             none,
             |s| {
                 let a = g(s, "a");
-                a.index = 9;
+                a.index = Some(9);
                 a.memory = Some(ByteSize(1 << 30));
             },
             vec![("a", K::Replace, I::Replace)],
@@ -270,7 +270,7 @@ fn table_every_field() {
             none,
             |s| {
                 let mut c = s.guest["b"].clone();
-                c.index = 4;
+                c.index = Some(4);
                 c.rootfs = Some("/var/lib/berth/rootfs/c".into());
                 s.guest.insert("c".into(), c);
             },
@@ -284,7 +284,7 @@ fn table_every_field() {
                 s.host.uplink = "eth1".into();
                 g(s, "a").restart = Some(RestartPolicy::Never);
                 let mut c = s.guest["a"].clone();
-                c.index = 3;
+                c.index = Some(3);
                 c.rootfs = Some("/var/lib/berth/rootfs/c".into());
                 s.guest.insert("c".into(), c);
             },
@@ -619,7 +619,7 @@ fn changed_while_not_running_interrupts_nothing() {
     assert!(p.summary().ends_with("no interruptions"), "{}", p.summary());
 
     // A stopped guest whose addresses move is still replaced.
-    let new = desired_with(|s| g(s, "a").index = 20);
+    let new = desired_with(|s| g(s, "a").index = Some(20));
     let p = plan(&new, &Observed::from_desired(&old, GuestStatus::Stopped));
     let a = action(&p, "a");
     assert_eq!((a.kind, a.impact), (ActionKind::Replace, Impact::Replace));
@@ -632,11 +632,11 @@ fn summary_and_display() {
         s.guest.remove("b");
         g(s, "a").memory = Some(ByteSize(256 << 20));
         let mut c = s.guest["a"].clone();
-        c.index = 3;
+        c.index = Some(3);
         c.rootfs = Some("/var/lib/berth/rootfs/db2".into());
         s.guest.insert("db2".into(), c);
         let mut d = s.guest["a"].clone();
-        d.index = 4;
+        d.index = Some(4);
         d.rootfs = Some("/var/lib/berth/rootfs/db3".into());
         s.guest.insert("db3".into(), d);
     });
@@ -664,7 +664,7 @@ fn summary_and_display() {
     );
     assert!(text.ends_with(&p.summary()), "{text}");
 
-    let replace = plan(&desired_with(|s| g(s, "a").index = 9), &running(&old));
+    let replace = plan(&desired_with(|s| g(s, "a").index = Some(9)), &running(&old));
     let text = replace.to_string();
     assert!(text.starts_with("-/+ a "), "{text}");
     assert!(text.contains("unchanged: b"), "{text}");

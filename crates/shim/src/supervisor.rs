@@ -576,6 +576,19 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
     if let Err(e) = berth_net::setup_container_link(&link_of(cfg), leader) {
         return Err(fail(&mut child, format!("network setup: {e}")));
     }
+    // A group member accepts its group's service addresses as its own.
+    let vips: Vec<std::net::IpAddr> = cfg
+        .vip4
+        .map(std::net::IpAddr::V4)
+        .into_iter()
+        .chain(cfg.vip6.map(std::net::IpAddr::V6))
+        .collect();
+    if let Err(e) = berth_net::add_loopback_addrs(leader, &vips) {
+        return Err(fail(
+            &mut child,
+            format!("adding the service address to lo: {e}"),
+        ));
+    }
     if stopped(shared) {
         return Err(fail(&mut child, "stopped while starting".into()));
     }

@@ -94,7 +94,8 @@ pub fn run_on_channel(
 
 /// The kernel command line berth boots a direct-kernel VM with: the spec's,
 /// plus the guest's addresses (`ip=`, `berth.ip6=`, `berth.gw6=`) unless
-/// `ip_cmdline = false`, plus `tsc_early_khz=` under TCG (about half of all
+/// `ip_cmdline = false`, plus a group member's `berth.vip4=`/`berth.vip6=`,
+/// plus `tsc_early_khz=` under TCG (about half of all
 /// TCG boots hang in TSC calibration without it; see DESIGN.md).
 pub fn cmdline(cfg: &Guest, vm: &Vm, accel: berth_vm::Accel, tsc_khz: Option<u64>) -> String {
     let mut parts: Vec<String> = vm.cmdline.split_whitespace().map(str::to_owned).collect();
@@ -107,6 +108,14 @@ pub fn cmdline(cfg: &Guest, vm: &Vm, accel: berth_vm::Accel, tsc_khz: Option<u64
             parts.push(format!("berth.ip6={a6}"));
             parts.push(format!("berth.gw6={h6}"));
         }
+    }
+    // A group member's service addresses, which the guest adds to its
+    // loopback itself (see the README: "Service addresses in VM members").
+    if let Some(v) = cfg.vip4 {
+        parts.push(format!("berth.vip4={v}"));
+    }
+    if let Some(v) = cfg.vip6 {
+        parts.push(format!("berth.vip6={v}"));
     }
     if accel == berth_vm::Accel::Tcg
         && !parts.iter().any(|p| p.starts_with("tsc_early_khz="))
@@ -374,6 +383,11 @@ mod tests {
             read_only: false,
             vm: Some(vm.clone()),
             backup: None,
+            health: None,
+            group: None,
+            companion_of: None,
+            vip4: None,
+            vip6: None,
         };
         (g, vm)
     }

@@ -19,6 +19,7 @@
 //! ```
 
 mod error;
+mod group;
 mod size;
 mod validate;
 pub mod vm;
@@ -30,6 +31,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use error::{SpecError, format_errors};
+pub use group::{Group, Health, Probe};
 pub use size::{ByteSize, ParseSizeError};
 pub use validate::{
     DEFAULT_COMMAND, DEFAULT_STOP_TIMEOUT_MS, Desired, Guest, Host, HostProbe, MIN_MEMORY, NoProbe,
@@ -48,6 +50,11 @@ pub struct Spec {
     /// Guests by name (1-32 characters of `a-z`, `0-9`, `-`; not starting with `-`).
     #[serde(default)]
     pub guest: BTreeMap<String, GuestSpec>,
+    /// Redundancy groups by name: `replicas` identical members
+    /// (`NAME-0`, `NAME-1`, ...) made from `template`, optionally behind a
+    /// service address (`vip4`/`vip6`) steered to healthy members.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub group: BTreeMap<String, GroupSpec>,
 }
 
 /// The `[host]` table.
@@ -78,7 +85,10 @@ pub struct GuestSpec {
     /// "container" or "vm".
     pub kind: GuestKind,
     /// Picks the guest's addresses and link name (`vb{index}`); 1..max_guests-1, unique.
-    pub index: u32,
+    /// Required for `[guest.NAME]`; group members and companions get theirs
+    /// from `index_base`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
     /// Root directory of a container (absolute; needs /usr and /etc/os-release).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs: Option<PathBuf>,
@@ -158,6 +168,125 @@ pub struct GuestSpec {
     /// (through exec) and stores its output encrypted to `recipients`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<Backup>,
+    /// Health probe, e.g. `{ tcp = 80 }`,
+    /// `{ http = "http://{addr}:80/health", expect = 200 }` or
+    /// `{ exec = ["pgrep", "httpd"] }`, with `interval`, `timeout`,
+    /// `healthy_after`, `unhealthy_after`. Shown in `berth ps`; group
+    /// members must pass it to carry the service address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSpec>,
+    /// Group templates only: containers started with each member and tied
+    /// to its life (each needs `name` and `index_base`), e.g. one database
+    /// per router VM. With `ephemeral = true` their state is wiped on every
+    /// restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub companions: Vec<GuestSpec>,
+    /// Companions only: its name; member `web-0`'s companion `db` is `web-0-db`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Companions only: member `i`'s companion gets index `index_base + i`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index_base: Option<u32>,
+}
+
+/// `[group.NAME]`: identical members behind one service address.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    /// Number of members, `NAME-0` .. `NAME-{replicas-1}`. Changing it adds
+    /// or removes members (the highest first) and touches nothing else.
+    pub replicas: u32,
+    /// Member `i` gets index `index_base + i`.
+    pub index_base: u32,
+    /// IPv4 service address, routed by the host to a healthy member (must
+    /// lie outside `host.subnet4`). Members accept it as a local address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip4: Option<String>,
+    /// IPv6 service address (outside `host.subnet6`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip6: Option<String>,
+    /// "active" (default): the route points at one healthy member and moves
+    /// only when it fails; "ecmp": a multipath route over all healthy members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<VipMode>,
+    /// Members updated at once in a rolling update. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel: Option<u32>,
+    /// Healthy members a rolling update never goes below. Default
+    /// `replicas - max_parallel` (at least 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_available: Option<u32>,
+    /// How long an updated member must stay healthy before the next one is
+    /// touched. Default "1s".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_healthy_time: Option<String>,
+    /// How long an updated member may take to become healthy before the
+    /// update counts as failed. Default "60s".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_deadline: Option<String>,
+    /// Go back to the previous spec when an updated member does not become
+    /// healthy in time. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_revert: Option<bool>,
+    /// How long a member keeps serving after the service address moved off
+    /// it, before it is stopped (requests in flight finish). Default "500ms".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_time: Option<String>,
+    /// The guest every member is made from (a `[guest.NAME]` table without
+    /// `index`).
+    pub template: GuestSpec,
+}
+
+/// How a group's service address is routed.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum VipMode {
+    /// One healthy member at a time; moves only when it fails.
+    #[default]
+    Active,
+    /// Spread over every healthy member (multipath route).
+    Ecmp,
+}
+
+impl std::fmt::Display for VipMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VipMode::Active => "active",
+            VipMode::Ecmp => "ecmp",
+        })
+    }
+}
+
+/// `health = { tcp = PORT }`, `{ http = URL, expect = CODE }` or
+/// `{ exec = [...] }`; exactly one probe.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    /// Connect to this TCP port of the guest's IPv4 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<u16>,
+    /// GET this URL; `{addr}` is replaced by the guest's IPv4 address, e.g.
+    /// "http://{addr}:80/health".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
+    /// HTTP status that counts as healthy. Default 200.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect: Option<u16>,
+    /// Run this command in the guest (berth exec); exit code 0 is healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<Vec<String>>,
+    /// Time between probes. Default "1s".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// A probe taking longer fails. Default "1s".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Consecutive passes to become healthy. Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_after: Option<u32>,
+    /// Consecutive failures to become unhealthy. Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_after: Option<u32>,
 }
 
 /// `backup = { command = [...], restore_command = [...], recipients = ["age1..."] }`

@@ -66,6 +66,9 @@ impl HostProbe for NoProbe {
 pub struct Desired {
     pub host: Host,
     pub guests: BTreeMap<String, Guest>,
+    /// Redundancy groups; their members are in `guests`.
+    #[serde(default)]
+    pub groups: BTreeMap<String, crate::Group>,
 }
 
 /// Validated host settings.
@@ -113,6 +116,20 @@ pub struct Guest {
     /// Configuration backup (`berth backup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<crate::Backup>,
+    /// Health check run by the daemon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<crate::Health>,
+    /// The group this guest is a member of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The member this companion belongs to (started and stopped with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub companion_of: Option<String>,
+    /// Service addresses the guest accepts as local (its group's VIPs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip4: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip6: Option<Ipv6Addr>,
 }
 
 impl Guest {
@@ -171,13 +188,13 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(bad)
 }
 
-struct Ctx<'a> {
-    file: &'a Path,
-    errors: Vec<SpecError>,
+pub(crate) struct Ctx<'a> {
+    pub(crate) file: &'a Path,
+    pub(crate) errors: Vec<SpecError>,
 }
 
 impl Ctx<'_> {
-    fn host(&mut self, field: &str, reason: impl Into<String>) {
+    pub(crate) fn host(&mut self, field: &str, reason: impl Into<String>) {
         self.errors.push(SpecError::Invalid {
             file: self.file.to_path_buf(),
             guest: None,
@@ -186,7 +203,7 @@ impl Ctx<'_> {
         });
     }
 
-    fn guest(&mut self, guest: &str, field: &str, reason: impl Into<String>) {
+    pub(crate) fn guest(&mut self, guest: &str, field: &str, reason: impl Into<String>) {
         self.errors.push(SpecError::Invalid {
             file: self.file.to_path_buf(),
             guest: Some(guest.to_string()),
@@ -212,17 +229,39 @@ pub fn validate(
         .contains(&spec.host.max_guests)
         .then_some(spec.host.max_guests);
 
+    let expanded = crate::group::expand(&mut cx, spec);
+    let groups = crate::group::validate_groups(&mut cx, spec, host.as_ref());
     let mut guests = BTreeMap::new();
-    for (name, g) in &spec.guest {
-        if let Some(guest) = validate_guest(&mut cx, name, g, max_guests, host.as_ref(), probe) {
-            guests.insert(name.clone(), guest);
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in &expanded {
+        *seen.entry(e.name.as_str()).or_default() += 1;
+    }
+    for (name, n) in &seen {
+        if *n > 1 {
+            cx.guest(name, "name", format!("`{name}` is declared more than once (a `[guest.{name}]` and a group member or companion of the same name?); rename one"));
+        }
+    }
+    for e in &expanded {
+        if e.spec.index.is_none() {
+            continue; // reported by expand()
+        }
+        if let Some(mut guest) =
+            validate_guest(&mut cx, &e.name, &e.spec, max_guests, host.as_ref(), probe)
+        {
+            guest.group = e.group.clone();
+            guest.companion_of = e.companion_of.clone();
+            guest.vip4 = e.vip4;
+            guest.vip6 = e.vip6;
+            guests.insert(e.name.clone(), guest);
         }
     }
 
     // Index clashes: one error per extra guest on an index, naming the first.
     let mut by_index: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
-    for (name, g) in &spec.guest {
-        by_index.entry(g.index).or_default().push(name);
+    for e in &expanded {
+        if let Some(i) = e.spec.index {
+            by_index.entry(i).or_default().push(&e.name);
+        }
     }
     for (index, mut names) in by_index {
         names.sort_unstable();
@@ -298,7 +337,11 @@ pub fn validate(
     }
 
     match host {
-        Some(host) if cx.errors.is_empty() => Ok(Desired { host, guests }),
+        Some(host) if cx.errors.is_empty() => Ok(Desired {
+            host,
+            guests,
+            groups,
+        }),
         _ => Err(cx.errors),
     }
 }
@@ -508,24 +551,25 @@ fn validate_guest(
         }
     };
 
-    if g.index == 0 {
+    let index = g.index.unwrap_or(0);
+    if index == 0 {
         let upper = max_guests.map_or_else(|| "max_guests-1".to_string(), |m| (m - 1).to_string());
         cx.guest(
             name,
             "index",
             format!("index 0 is the host's address on every guest link; use 1..{upper}"),
         );
-    } else if let Some(m) = max_guests.filter(|&m| g.index >= m) {
+    } else if let Some(m) = max_guests.filter(|&m| index >= m) {
         let reason = if m > 1 {
             format!(
                 "index {} is out of range; use 1..{} (host.max_guests is {m}; raise it for more)",
-                g.index,
+                index,
                 m - 1
             )
         } else {
             format!(
                 "index {} is out of range; host.max_guests is {m}, which leaves no guest indexes; raise it",
-                g.index
+                index
             )
         };
         cx.guest(name, "index", reason);
@@ -705,18 +749,28 @@ fn validate_guest(
         }
     }
 
+    let health = g
+        .health
+        .as_ref()
+        .and_then(|h| crate::group::validate_health(cx, name, h));
+
     if cx.errors.len() != before {
         return None;
     }
     let host = host?;
     Some(Guest {
+        health,
+        group: None,
+        companion_of: None,
+        vip4: None,
+        vip6: None,
         name: name.to_string(),
         kind: g.kind,
-        index: g.index,
-        link: format!("vb{}", g.index),
-        addr4: host.addr4(g.index),
+        index,
+        link: format!("vb{index}"),
+        addr4: host.addr4(index),
         host4: host.subnet4.network(),
-        addr6: host.addr6(g.index),
+        addr6: host.addr6(index),
         host6: host.subnet6.map(|n| n.network()),
         rootfs,
         command,

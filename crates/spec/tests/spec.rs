@@ -441,19 +441,19 @@ fn max_guests_range() {
 #[test]
 fn index_rules() {
     assert_one_error(
-        |s| db1(s).index = 0,
+        |s| db1(s).index = Some(0),
         &[
             "guest `db1`: field `index`: index 0 is the host's address on every guest link; use 1..63",
         ],
     );
     assert_one_error(
-        |s| db1(s).index = 64,
+        |s| db1(s).index = Some(64),
         &["guest `db1`: field `index`: index 64 is out of range; use 1..63"],
     );
     assert_one_error(
         |s| {
             s.host.max_guests = 10;
-            db1(s).index = 12;
+            db1(s).index = Some(12);
         },
         &["index 12 is out of range; use 1..9", "max_guests is 10"],
     );
@@ -559,7 +559,7 @@ fn vm_exclusive_pinning_clash_names_both() {
     db1(&mut s).cpu_pinning = Some(vec![0, 1]);
     db1(&mut s).exclusive = Some(true);
     let mut other = s.guest["db1"].clone();
-    other.index = 3;
+    other.index = Some(3);
     other.exclusive = None;
     other.cpu_pinning = Some(vec![1]);
     s.guest.insert("r2".into(), other);
@@ -706,7 +706,7 @@ fn all_errors_reported_at_once() {
         g.rootfs = Some("/nope".into());
     }
     let mut other = s.guest["db1"].clone();
-    other.index = 0;
+    other.index = Some(0);
     s.guest.insert("Bad".into(), other);
     let errs = validate(&s, Path::new(FILE), &Fake::new()).expect_err("many");
     let text = format_errors(&errs);
@@ -732,7 +732,7 @@ fn all_errors_reported_at_once() {
 fn shared_rootfs_needs_ephemeral_or_read_only() {
     let mut s = spec(BASE);
     let mut other = s.guest["db1"].clone();
-    other.index = 3;
+    other.index = Some(3);
     s.guest.insert("db2".into(), other);
     let errs = errors_of(&s);
     assert_eq!(errs.len(), 1, "{errs:?}");

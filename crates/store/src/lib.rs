@@ -91,6 +91,15 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX journal_by_plan ON journal(plan_id, id);
     "#,
+    // v2: small named facts the daemon keeps across restarts (an apply in
+    // progress, drained guests, the host drain flag).
+    r#"
+    CREATE TABLE kv (
+        key         TEXT    PRIMARY KEY,
+        value       TEXT    NOT NULL,
+        updated_at  INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// Schema version this build writes and understands.
@@ -642,6 +651,44 @@ impl Store {
              ORDER BY j.id",
         )?;
         collect_journal(stmt.query([])?)
+    }
+
+    // ---- named facts ----
+
+    /// Sets `key` to `value`.
+    pub fn set_kv(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO kv (key, value, updated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            params![key, value, now()],
+        )?;
+        Ok(())
+    }
+
+    /// The value of `key`, if set.
+    pub fn kv(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Removes `key` (no error if it was not set).
+    pub fn delete_kv(&self, key: &str) -> Result<(), StoreError> {
+        self.conn()
+            .execute("DELETE FROM kv WHERE key = ?1", [key])?;
+        Ok(())
+    }
+
+    /// Every `(key, value)` whose key starts with `prefix`, by key.
+    pub fn kv_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT key, value FROM kv WHERE substr(key, 1, ?2) = ?1 ORDER BY key")?;
+        let rows = stmt.query_map(params![prefix, prefix.len() as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
     }
 
     /// Allocates a new plan id (increasing, never reused, also across

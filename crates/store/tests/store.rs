@@ -370,3 +370,20 @@ fn two_stores_on_one_db() {
     t.join().unwrap();
     assert_eq!(b.guests().unwrap().len(), 100);
 }
+
+#[test]
+fn kv_round_trip() {
+    let s = Store::open_in_memory().unwrap();
+    assert_eq!(s.kv("a").unwrap(), None);
+    s.set_kv("drain/web-0", "1").unwrap();
+    s.set_kv("drain/web-1", "1").unwrap();
+    s.set_kv("apply", "7").unwrap();
+    s.set_kv("apply", "8").unwrap();
+    assert_eq!(s.kv("apply").unwrap().as_deref(), Some("8"));
+    let d = s.kv_prefix("drain/").unwrap();
+    assert_eq!(d.len(), 2);
+    assert_eq!(d[0].0, "drain/web-0");
+    s.delete_kv("drain/web-0").unwrap();
+    s.delete_kv("nothing").unwrap();
+    assert_eq!(s.kv_prefix("drain/").unwrap().len(), 1);
+}
