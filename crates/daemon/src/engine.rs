@@ -64,6 +64,11 @@ pub struct Engine {
     pub vip_routes: std::sync::Mutex<std::collections::BTreeMap<std::net::IpAddr, Vec<String>>>,
     /// Bumped whenever a guest record changes.
     pub guests_gen: std::sync::atomic::AtomicU64,
+    /// The standby member of each active-mode VIP, as last set.
+    pub vip_backups: std::sync::Mutex<std::collections::BTreeMap<std::net::IpAddr, String>>,
+    /// Members whose connection pinning is in place: index -> ifindex of
+    /// the link it was set up for.
+    pub pins: std::sync::Mutex<std::collections::BTreeMap<u32, u32>>,
 }
 
 /// Store key of the groups as last applied (JSON).
@@ -91,6 +96,8 @@ impl Engine {
             health: Default::default(),
             vip_routes: Default::default(),
             guests_gen: Default::default(),
+            pins: Default::default(),
+            vip_backups: Default::default(),
         }
     }
 
@@ -339,6 +346,29 @@ impl Engine {
             guest: None,
             detail: format!("NAT {} out of {}", host.subnet4, host.uplink),
         })?;
+        let nets: Vec<ipnet::IpNet> = std::iter::once(ipnet::IpNet::V4(host.subnet4))
+            .chain(host.subnet6.map(ipnet::IpNet::V6))
+            .collect();
+        // Routes of an earlier subnet go first.
+        for r in self.store.resources(None)? {
+            if r.kind == "unreachable_route"
+                && let Ok(old) = r.name.parse::<ipnet::IpNet>()
+                && !nets.contains(&old)
+            {
+                berth_net::delete_subnet_unreachable(old)
+                    .map_err(|e| EngineError::Host(e.to_string()))?;
+                self.store.remove_resource(&r.kind, &r.name)?;
+            }
+        }
+        for net in nets {
+            berth_net::set_subnet_unreachable(net).map_err(|e| EngineError::Host(e.to_string()))?;
+            self.store.add_resource(&Resource {
+                kind: "unreachable_route".into(),
+                name: net.to_string(),
+                guest: None,
+                detail: "guest addresses without a guest answer unreachable".into(),
+            })?;
+        }
         Ok(())
     }
 
@@ -1138,6 +1168,10 @@ impl Engine {
             let gone = match r.kind.as_str() {
                 "nft_table" => berth_net::delete_table().map_err(|e| e.to_string()),
                 "link" => berth_net::delete_link(&r.name).map_err(|e| e.to_string()),
+                "unreachable_route" => match r.name.parse::<ipnet::IpNet>() {
+                    Ok(net) => berth_net::delete_subnet_unreachable(net).map_err(|e| e.to_string()),
+                    Err(_) => Ok(false),
+                },
                 "cgroup" => {
                     let name = r.name.trim_start_matches("berth/");
                     let cg = Cgroup::for_guest(name);
@@ -1158,6 +1192,33 @@ impl Engine {
                 }
             }
             self.store.remove_resource(&r.kind, &r.name)?;
+        }
+        // Service addresses and connection pinning.
+        for (key, _) in self.store.kv_prefix("vip/")? {
+            if let Ok(vip) = key["vip/".len()..].parse::<std::net::IpAddr>() {
+                match berth_net::delete_vip_route(vip) {
+                    Ok(true) => removed.push(format!("route {vip}")),
+                    Ok(false) => {}
+                    Err(e) => errors.push(format!("route {vip}: {e}")),
+                }
+            }
+            self.store.delete_kv(&key)?;
+        }
+        match berth_net::remove_pins() {
+            Ok(0) => {}
+            Ok(n) => removed.push(format!("{n} connection-pinning rule(s)")),
+            Err(e) => errors.push(format!("connection-pinning rules: {e}")),
+        }
+        self.pins.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.vip_routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        for k in ["groups", "firewall/vips"] {
+            self.store.delete_kv(k)?;
+        }
+        for (k, _) in self.store.kv_prefix(DRAIN_KEY)? {
+            self.store.delete_kv(&k)?;
         }
         for p in berth_container::cgroup::remove_parents_if_empty() {
             removed.push(format!("cgroup {}", p.display()));

@@ -54,6 +54,9 @@ pub struct State {
     epoch: u64,
     /// `None`: due now.
     next_probe: Option<Instant>,
+    /// (supervisor pid, restarts) of the run last probed: a change means the
+    /// guest restarted in between, which counts as down at once.
+    instance: Option<(i32, u32)>,
     in_flight: bool,
 }
 
@@ -67,6 +70,7 @@ impl State {
             last_error: None,
             epoch,
             next_probe: None,
+            instance: None,
             in_flight: false,
         }
     }
@@ -154,10 +158,12 @@ impl HealthBoard {
     }
 
     /// Records a probe result; returns the transition, if any.
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
         name: &str,
         epoch: u64,
+        instance: Option<(i32, u32)>,
         result: Result<(), (bool, String)>,
         interval: Duration,
         healthy_after: u32,
@@ -171,6 +177,16 @@ impl HealthBoard {
         s.in_flight = false;
         s.next_probe = Some(Instant::now() + interval);
         let before = s.status;
+        // Restarted since the last probe (e.g. killed and brought back by
+        // its restart policy): whatever this probe says, it was down.
+        let restarted = matches!((s.instance, instance), (Some(a), Some(b)) if a != b);
+        if instance.is_some() {
+            s.instance = instance;
+        }
+        let result = match result {
+            Ok(()) if restarted => Err((true, "restarted since the last probe".to_string())),
+            r => r,
+        };
         let after = match result {
             Ok(()) => {
                 s.ok_streak += 1;
@@ -256,7 +272,7 @@ pub async fn monitor(engine: Arc<Engine>) {
             let engine = Arc::clone(&engine);
             let g = g.clone();
             tokio::spawn(async move {
-                let result = probe(&engine, &g).await;
+                let (instance, result) = probe(&engine, &g).await;
                 let (interval, ha, ua) = match &g.health {
                     Some(h) => (
                         Duration::from_millis(h.interval_ms),
@@ -267,7 +283,7 @@ pub async fn monitor(engine: Arc<Engine>) {
                 };
                 if let Some((from, to, err)) = engine
                     .health
-                    .record(&g.name, epoch, result, interval, ha, ua)
+                    .record(&g.name, epoch, instance, result, interval, ha, ua)
                 {
                     let mut msg = format!("health {} -> {}", from.as_str(), to.as_str());
                     if let Some(e) = err.filter(|_| to != Status::Healthy) {
@@ -294,13 +310,26 @@ pub fn event(engine: &Engine, guest: &str, msg: &str) {
     }
 }
 
-/// One probe. `Err((true, _))`: the guest is not running.
-async fn probe(engine: &Arc<Engine>, g: &Guest) -> Result<(), (bool, String)> {
+/// One probe, with the run it probed (supervisor pid, restarts).
+/// `Err((true, _))`: the guest is not running.
+async fn probe(
+    engine: &Arc<Engine>,
+    g: &Guest,
+) -> (Option<(i32, u32)>, Result<(), (bool, String)>) {
     let paths = engine.paths(&g.name);
-    let state = tokio::task::spawn_blocking(move || client::status(&paths).map(|s| s.state))
+    let status = tokio::task::spawn_blocking(move || client::status(&paths))
         .await
         .ok()
         .flatten();
+    let instance = status.as_ref().map(|s| (s.shim_pid, s.restarts));
+    (instance, check(engine, g, status.map(|s| s.state)).await)
+}
+
+async fn check(
+    engine: &Arc<Engine>,
+    g: &Guest,
+    state: Option<ShimState>,
+) -> Result<(), (bool, String)> {
     if state != Some(ShimState::Running) {
         return Err((
             true,
@@ -413,23 +442,29 @@ mod tests {
         let iv = Duration::ZERO;
         let now = Instant::now();
         let e = b.take_due("a", now).unwrap();
-        assert_eq!(b.record("a", e, Ok(()), iv, 2, 2), None);
+        assert_eq!(b.record("a", e, None, Ok(()), iv, 2, 2), None);
         let e = b.take_due("a", Instant::now()).unwrap();
         assert_eq!(
-            b.record("a", e, Ok(()), iv, 2, 2).map(|t| t.1),
+            b.record("a", e, None, Ok(()), iv, 2, 2).map(|t| t.1),
             Some(Status::Healthy)
         );
         let e = b.take_due("a", Instant::now()).unwrap();
-        assert_eq!(b.record("a", e, Err((false, "x".into())), iv, 2, 2), None);
+        assert_eq!(
+            b.record("a", e, None, Err((false, "x".into())), iv, 2, 2),
+            None
+        );
         // A probe still in flight when the guest is reset does not count.
         let e = b.take_due("a", Instant::now()).unwrap();
         b.reset("a");
-        assert_eq!(b.record("a", e, Err((false, "x".into())), iv, 2, 2), None);
+        assert_eq!(
+            b.record("a", e, None, Err((false, "x".into())), iv, 2, 2),
+            None
+        );
         assert_eq!(b.status("a"), Status::Unknown);
         // Not running: down at once.
         let e = b.take_due("a", Instant::now()).unwrap();
         assert_eq!(
-            b.record("a", e, Err((true, "gone".into())), iv, 2, 2)
+            b.record("a", e, None, Err((true, "gone".into())), iv, 2, 2)
                 .map(|t| t.1),
             Some(Status::Down)
         );

@@ -51,6 +51,9 @@ pub fn reconcile(engine: &Engine) -> Result<(), String> {
             .filter(|g| g.group.as_deref() == Some(gname.as_str()))
             .collect();
         members.sort_by_key(|g| g.index);
+        if group.has_vip() {
+            pin_members(engine, &members);
+        }
         for vip in group
             .vip4
             .map(IpAddr::V4)
@@ -81,43 +84,62 @@ pub fn reconcile(engine: &Engine) -> Result<(), String> {
             } else {
                 choose(engine, group, &members, &drained, &now)
             };
-            if targets == now {
+            // Active mode: the next healthy member stands by in a second
+            // route the kernel falls back to the moment the serving
+            // member's link goes away.
+            let backup: Option<String> = (group.mode == VipMode::Active && !targets.is_empty())
+                .then(|| {
+                    members
+                        .iter()
+                        .filter(|m| !targets.contains(&m.name) && !drained.contains(&m.name))
+                        .find(|m| engine.health.status(&m.name) == Status::Healthy)
+                        .map(|m| m.name.clone())
+                })
+                .flatten();
+            let mut backups = engine.vip_backups.lock().unwrap_or_else(|p| p.into_inner());
+            if targets == now && backups.get(&vip) == backup.as_ref() {
                 continue;
             }
-            let hops: Vec<berth_net::VipTarget> = targets
-                .iter()
-                .filter_map(|n| members.iter().find(|m| &m.name == n))
-                .filter_map(|m| {
-                    let gateway = match vip {
-                        IpAddr::V4(_) => Some(IpAddr::V4(m.addr4)),
-                        IpAddr::V6(_) => m.addr6.map(IpAddr::V6),
-                    }?;
-                    Some(berth_net::VipTarget {
-                        link: m.link.clone(),
-                        gateway,
-                    })
+            let hop = |n: &String| -> Option<berth_net::VipTarget> {
+                let m = members.iter().find(|m| &m.name == n)?;
+                let gateway = match vip {
+                    IpAddr::V4(_) => Some(IpAddr::V4(m.addr4)),
+                    IpAddr::V6(_) => m.addr6.map(IpAddr::V6),
+                }?;
+                Some(berth_net::VipTarget {
+                    link: m.link.clone(),
+                    gateway,
                 })
-                .collect();
-            match berth_net::set_vip_route(vip, &hops) {
+            };
+            let hops: Vec<berth_net::VipTarget> = targets.iter().filter_map(hop).collect();
+            let standby = backup.as_ref().and_then(hop);
+            match berth_net::set_vip_route(vip, &hops, standby.as_ref()) {
                 Ok(()) => {
                     let to = if targets.is_empty() {
                         "nowhere (withdrawn)".to_string()
                     } else {
                         targets.join(" + ")
                     };
-                    tracing::info!(group = %gname, %vip, "service address now routed to {to}");
-                    for m in now.iter().chain(targets.iter()) {
-                        crate::health::event(
-                            engine,
-                            m,
-                            &format!("service address {vip} of group {gname} -> {to}"),
-                        );
+                    match &backup {
+                        Some(b) => backups.insert(vip, b.clone()),
+                        None => backups.remove(&vip),
+                    };
+                    if targets != now {
+                        tracing::info!(group = %gname, %vip, standby = ?backup, "service address now routed to {to}");
+                        for m in now.iter().chain(targets.iter()) {
+                            crate::health::event(
+                                engine,
+                                m,
+                                &format!("service address {vip} of group {gname} -> {to}"),
+                            );
+                        }
                     }
                     current.insert(vip, targets);
                 }
                 Err(e) => {
                     // Forget what we believed: the next pass reads the kernel.
                     current.remove(&vip);
+                    backups.remove(&vip);
                     tracing::warn!(group = %gname, %vip, "moving the service address: {e}");
                 }
             }
@@ -143,6 +165,26 @@ pub fn reconcile(engine: &Engine) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Keeps each member's connection-pinning rule and route in place (see
+/// `berth_net::ensure_pin`); redone when the member's link was recreated.
+fn pin_members(engine: &Engine, members: &[&Guest]) {
+    let mut pins = engine.pins.lock().unwrap_or_else(|p| p.into_inner());
+    for m in members {
+        let Ok(ifindex) = nix::net::if_::if_nametoindex(m.link.as_str()) else {
+            continue; // not running: nothing to pin to
+        };
+        if pins.get(&m.index) == Some(&ifindex) {
+            continue;
+        }
+        match berth_net::ensure_pin(m.index, &m.link, m.addr4, m.addr6) {
+            Ok(()) => {
+                pins.insert(m.index, ifindex);
+            }
+            Err(e) => tracing::warn!(guest = %m.name, "connection pinning: {e}"),
+        }
+    }
 }
 
 /// The members a VIP should point at (see the module docs).

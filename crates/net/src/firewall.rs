@@ -148,6 +148,75 @@ fn guest_sets(guests: &[GuestLink], vips: &[(String, std::net::IpAddr)]) -> Vec<
     ]
 }
 
+/// Connection pinning for service addresses: the first packet of a
+/// connection to a VIP is routed by the main table (to the member the VIP
+/// points at then) and its conntrack entry remembers that member's link as
+/// a mark ([`crate::pin_mark`]); later packets of the connection carry the
+/// mark, and a policy rule per member ([`crate::ensure_pin`]) routes them
+/// to the same member. So moving a VIP moves new connections only, and a
+/// request in flight is never cut in half.
+fn vip_pinning(vips: &[(String, std::net::IpAddr)]) -> Vec<Value> {
+    if vips.is_empty() {
+        return Vec::new();
+    }
+    let mut cmds = vec![
+        chain("vip_pin_forward", "filter", "forward", -150),
+        chain("vip_pin_prerouting", "filter", "prerouting", -150),
+    ];
+    let mut links: Vec<(&str, u32)> = vips
+        .iter()
+        .filter_map(|(l, _)| {
+            l.strip_prefix("vb")
+                .and_then(|i| i.parse::<u32>().ok())
+                .map(|i| (l.as_str(), crate::pin_mark(i)))
+        })
+        .collect();
+    links.sort_unstable();
+    links.dedup();
+    let map: Vec<Value> = links.iter().map(|(l, m)| json!([l, m])).collect();
+    for (set, proto, v6) in [("vip4_addrs", "ip", false), ("vip6_addrs", "ip6", true)] {
+        let mut addrs: Vec<String> = vips
+            .iter()
+            .filter(|(_, a)| a.is_ipv6() == v6)
+            .map(|(_, a)| a.to_string())
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        if addrs.is_empty() {
+            continue;
+        }
+        cmds.push(json!({"add": {"set": {
+            "family": TABLE_FAMILY, "table": TABLE_NAME, "name": set,
+            "type": if v6 { "ipv6_addr" } else { "ipv4_addr" },
+            "elem": addrs,
+        }}}));
+        cmds.push(rule(
+            "vip_pin_forward",
+            vec![
+                matches("in", json!({"ct": {"key": "state"}}), json!(["new"])),
+                matches("==", payload(proto, "daddr"), json!(format!("@{set}"))),
+                json!({"mangle": {
+                    "key": {"ct": {"key": "mark"}},
+                    "value": {"map": {"key": meta("oifname"), "data": {"set": map}}},
+                }}),
+            ],
+        ));
+    }
+    cmds.push(rule(
+        "vip_pin_prerouting",
+        vec![
+            matches("==", json!({"ct": {"key": "direction"}}), json!("original")),
+            matches(
+                "==",
+                json!({"&": [{"ct": {"key": "mark"}}, crate::PIN_MARK_MASK]}),
+                json!(crate::PIN_MARK_BASE),
+            ),
+            json!({"mangle": {"key": meta("mark"), "value": {"ct": {"key": "mark"}}}}),
+        ],
+    ));
+    cmds
+}
+
 /// Anti-spoofing rules for the `prerouting_filter` chain: one set lookup per
 /// packet whatever the number of guests.
 fn antispoof_rules() -> Vec<Value> {
@@ -204,6 +273,7 @@ pub fn render_ruleset(fw: &Firewall) -> Value {
 
     cmds.extend(guest_sets(&fw.guests, &fw.vips));
     cmds.extend(antispoof_rules());
+    cmds.extend(vip_pinning(&fw.vips));
 
     let uplink_in = || matches("==", meta("iifname"), json!(fw.uplink));
     cmds.push(rule(

@@ -24,5 +24,7 @@ pub use link::{
     link_rx_packets, list_links, routes_within, setup_container_link, setup_host_side,
 };
 pub use vip::{
-    RTPROT_BERTH, VipTarget, add_loopback_addrs, delete_vip_route, set_vip_route, vip_route,
+    PIN_MARK_BASE, PIN_MARK_MASK, RTPROT_BERTH, VipTarget, add_loopback_addrs,
+    delete_subnet_unreachable, delete_vip_route, ensure_pin, pin_mark, remove_pins,
+    set_subnet_unreachable, set_vip_route, vip_route,
 };

@@ -7,6 +7,7 @@
 //! routes, sysctls or firewall.
 
 mod fixture;
+mod load;
 mod net;
 mod vm_fixture;
 
@@ -17,6 +18,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use fixture::{busybox_rootfs, copy_busybox_rootfs, fixture_dir, try_busybox_rootfs};
+pub use load::{Load, LoadReport, Sample, get};
 pub use net::{INTERNET_BODY, TestNet, in_netns, netns_pids};
 pub use vm_fixture::{VmFixture, host_tsc_khz, vm_fixture};
 

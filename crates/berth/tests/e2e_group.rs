@@ -1,0 +1,322 @@
+//! Redundancy groups end to end: container members behind a service
+//! address (VIP) that a client on the uplink side uses continuously, while
+//! members fail, are updated (also by a broken update and across a daemon
+//! kill -9), and the group is scaled. Every request counts.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use berth_testkit::{Cap, Load, LoadReport, busybox_rootfs, require, unique_tag, wait_until};
+use common::{Berth, spec};
+
+const CAPS: &[Cap] = &[Cap::Root, Cap::Netns, Cap::Nspawn, Cap::Nft, Cap::Curl];
+
+/// A group spec: `replicas` busybox httpd members that answer with their
+/// hostname then `version`; `extra` goes into `[group.NAME]`.
+fn group_spec(b: &Berth, o: u8, name: &str, replicas: u32, version: &str, extra: &str) -> String {
+    let rootfs = busybox_rootfs();
+    let serve = if version == "broken" {
+        // Never answers HTTP: the update cannot become healthy.
+        "exec sleep 100000".to_string()
+    } else {
+        format!(
+            "mkdir -p /tmp/w && {{ hostname; echo {version}; }} > /tmp/w/index.html && exec httpd -f -p 80 -h /tmp/w"
+        )
+    };
+    spec(
+        b.net.uplink(),
+        o,
+        &format!(
+            r#"[group.{name}]
+replicas = {replicas}
+index_base = 10
+vip4 = "10.{o}.1.10"
+min_healthy_time = "300ms"
+healthy_deadline = "8s"
+drain_time = "200ms"
+{extra}
+
+[group.{name}.template]
+kind = "container"
+rootfs = "{}"
+ephemeral = true
+stop_timeout = "2s"
+command = ["/bin/sh", "-c", "{serve}"]
+health = {{ http = "http://{{addr}}:80/", expect = 200, interval = "100ms", timeout = "500ms", healthy_after = 2, unhealthy_after = 2 }}
+"#,
+            rootfs.display()
+        ),
+    )
+}
+
+/// Routes the VIP's /24 from the "internet" side to the host's uplink (in
+/// the test's own namespace).
+fn route_vip_from_inet(b: &Berth, o: u8) {
+    let st = b
+        .net
+        .cmd_in_inet("ip")
+        .args([
+            "route",
+            "add",
+            &format!("10.{o}.1.0/24"),
+            "via",
+            b.net.uplink_addr(),
+        ])
+        .status()
+        .expect("ip route");
+    assert!(st.success());
+}
+
+fn vip(o: u8) -> SocketAddr {
+    SocketAddr::from(([10, o, 1, 10], 80))
+}
+
+fn load(b: &Berth, o: u8) -> Load {
+    Load::start(
+        b.net.inet_ns(),
+        vip(o),
+        Duration::from_secs(2),
+        200_000,
+        Duration::from_secs(240),
+    )
+}
+
+/// The first line answered on the VIP from the uplink side, once it answers.
+fn wait_vip(b: &Berth, o: u8, want: &str) -> String {
+    let got = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        berth_testkit::in_netns(b.net.inet_ns(), || {
+            berth_testkit::get(vip(o), Duration::from_secs(1)).ok()
+        })
+        .ok()
+        .flatten()
+        // The hostname nspawn gives a container is `berth-<name>`.
+        .map(|body| body.trim_start_matches("berth-").to_owned())
+        .filter(|body| body.contains(want))
+    });
+    got.unwrap_or_else(|| {
+        panic!(
+            "VIP {} never answered with {want:?}; daemon log:\n{}",
+            vip(o),
+            b.daemon_log()
+        )
+    })
+}
+
+fn apply(b: &Berth, file: &str) -> (bool, String) {
+    let out = b.cli(&["apply", "--yes", file]);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn no_failures(what: &str, r: &LoadReport) {
+    eprintln!("{what}: {}", r.summary());
+    assert!(r.sent() > 20, "{what}: too few requests: {}", r.summary());
+    assert_eq!(r.failed(), 0, "{what}: {}", r.summary());
+}
+
+#[test]
+fn group_vip_failover_rolling_update_revert_scale() {
+    if !require("group_vip_failover_rolling_update_revert_scale", CAPS) {
+        return;
+    }
+    let tag = unique_tag("gr");
+    let o = 71;
+    let b = Berth::new(&tag);
+    route_vip_from_inet(&b, o);
+    let g = tag.replace('-', "");
+    let (m0, m1, m2) = (format!("{g}-0"), format!("{g}-1"), format!("{g}-2"));
+
+    // Two members behind the VIP.
+    let file = b.write("v1.toml", &group_spec(&b, o, &g, 2, "v1", ""));
+    let file = file.to_str().expect("utf8");
+    let plan = b.cli_ok(&["plan", file]);
+    assert!(plan.contains(&m0) && plan.contains(&m1), "{plan}");
+    let (ok, out) = apply(&b, file);
+    assert!(ok, "{out}");
+    // Active mode: the first member to turn healthy gets the VIP and keeps it.
+    let first = wait_vip(&b, o, "");
+    let (active, standby) = if first == m0 {
+        (m0.clone(), m1.clone())
+    } else {
+        (m1.clone(), m0.clone())
+    };
+    assert_eq!(first, active);
+    let ps = b.ps();
+    let p0 = ps.iter().find(|x| x.name == active).expect("active member");
+    assert_eq!(p0.group.as_deref(), Some(g.as_str()));
+    assert_eq!(p0.serving, vec![format!("10.{o}.1.10")], "{p0:?}");
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            b.ps()
+                .iter()
+                .all(|x| x.health.as_deref() == Some("healthy"))
+                .then_some(())
+        })
+        .is_some(),
+        "{:?}",
+        b.ps()
+    );
+
+    // Unplanned failure: kill -9 the serving member's process tree leader.
+    let l = load(&b, o);
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = p0.pid.expect("pid");
+    let killed = Instant::now();
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    let moved = wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+        berth_testkit::in_netns(b.net.inet_ns(), || {
+            berth_testkit::get(vip(o), Duration::from_millis(300)).ok()
+        })
+        .ok()
+        .flatten()
+        .filter(|body| body.ends_with(&format!("-{standby}")))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let r = l.stop();
+    assert!(
+        moved.is_some(),
+        "VIP did not move to {standby}: {}\ndaemon log:\n{}",
+        r.summary(),
+        b.daemon_log()
+    );
+    eprintln!(
+        "failover: first answer from {standby} {:?} after kill -9 of {active}; {}",
+        r.first_after(killed, &standby),
+        r.summary()
+    );
+    // The timeline around the kill, runs of equal outcomes folded.
+    let mut last = String::new();
+    for smp in r.samples.iter().filter(|x| x.at >= killed) {
+        let what = match &smp.body {
+            Ok(b) => b.clone(),
+            Err(e) => e.clone(),
+        };
+        if what != last {
+            eprintln!("  +{:?}: {what}", smp.at.duration_since(killed));
+            last = what;
+        }
+    }
+    for l in b
+        .daemon_log()
+        .lines()
+        .filter(|l| l.contains("health") || l.contains("service address"))
+    {
+        eprintln!("daemon: {l}");
+    }
+    // The killed member comes back (restart policy) and turns healthy; the
+    // VIP stays where it is (active mode does not flap back).
+    assert!(
+        wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
+            (b.guest(&active).health.as_deref() == Some("healthy")).then_some(())
+        })
+        .is_some(),
+        "{:?}",
+        b.guest(&active)
+    );
+    assert_eq!(b.guest(&standby).serving.len(), 1);
+
+    // Rolling update under load: zero failed requests.
+    let v2 = b.write("v2.toml", &group_spec(&b, o, &g, 2, "v2", ""));
+    let v2 = v2.to_str().expect("utf8");
+    let plan = b.cli_ok(&["plan", v2]);
+    assert!(
+        plan.contains("rolling update") && plan.contains("stays up"),
+        "{plan}"
+    );
+    let l = load(&b, o);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, out) = apply(&b, v2);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = l.stop();
+    assert!(ok, "{out}");
+    no_failures("rolling update", &r);
+    wait_vip(&b, o, "");
+    for m in [&m0, &m1] {
+        let pid = b.guest(m).pid.expect("pid");
+        let out = std::process::Command::new("nsenter")
+            .args([
+                &format!("--net=/proc/{pid}/ns/net"),
+                "curl",
+                "-sS",
+                &format!("http://127.0.0.1/"),
+            ])
+            .output()
+            .expect("curl");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("v2"),
+            "{m}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    // A broken update: the first member never becomes healthy; berth
+    // reverts it and the service never goes down.
+    let bad = b.write("bad.toml", &group_spec(&b, o, &g, 2, "broken", ""));
+    let bad = bad.to_str().expect("utf8");
+    let l = load(&b, o);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, out) = apply(&b, bad);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = l.stop();
+    assert!(!ok, "a broken update must fail: {out}");
+    assert!(out.contains("reverted"), "{out}");
+    no_failures("broken update", &r);
+    // Both members back on v2 and healthy.
+    assert!(
+        wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
+            b.ps()
+                .iter()
+                .all(|x| x.health.as_deref() == Some("healthy"))
+                .then_some(())
+        })
+        .is_some(),
+        "{:?}",
+        b.ps()
+    );
+
+    // Scale 2 -> 3 -> 1 under load.
+    let l = load(&b, o);
+    std::thread::sleep(Duration::from_millis(300));
+    let three = b.write("v2x3.toml", &group_spec(&b, o, &g, 3, "v2", ""));
+    let three = three.to_str().expect("utf8");
+    let plan = b.cli_ok(&["plan", three]);
+    assert!(
+        plan.contains(&m2) && plan.contains("1 to create") && !plan.contains("restart"),
+        "scaling up touches only the new member: {plan}"
+    );
+    let (ok, out) = apply(&b, three);
+    assert!(ok, "{out}");
+    assert!(
+        wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
+            (b.guest(&m2).health.as_deref() == Some("healthy")).then_some(())
+        })
+        .is_some()
+    );
+    let one = b.write("v2x1.toml", &group_spec(&b, o, &g, 1, "v2", ""));
+    let one = one.to_str().expect("utf8");
+    let plan = b.cli_ok(&["plan", one]);
+    let d1 = plan.find(&format!("- {m1}")).or_else(|| plan.find(&m1));
+    let d2 = plan.find(&m2);
+    assert!(
+        d1.is_some() && d2.is_some() && d2 < d1,
+        "highest first: {plan}"
+    );
+    let (ok, out) = apply(&b, one);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = l.stop();
+    assert!(ok, "{out}");
+    no_failures("scale 2 -> 3 -> 1", &r);
+    let names: Vec<String> = b.ps().into_iter().map(|x| x.name).collect();
+    assert_eq!(names, vec![m0.clone()]);
+    assert_eq!(wait_vip(&b, o, ""), m0);
+}
