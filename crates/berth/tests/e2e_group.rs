@@ -248,7 +248,7 @@ fn group_vip_failover_rolling_update_revert_scale() {
                 &format!("--net=/proc/{pid}/ns/net"),
                 "curl",
                 "-sS",
-                &format!("http://127.0.0.1/"),
+                "http://127.0.0.1/",
             ])
             .output()
             .expect("curl");
