@@ -33,7 +33,7 @@ fn group_spec(b: &Berth, o: u8, name: &str, replicas: u32, version: &str, extra:
 replicas = {replicas}
 index_base = 10
 vip4 = "10.{o}.1.10"
-min_healthy_time = "300ms"
+{mht}
 healthy_deadline = "8s"
 drain_time = "200ms"
 {extra}
@@ -46,7 +46,12 @@ stop_timeout = "2s"
 command = ["/bin/sh", "-c", "{serve}"]
 health = {{ http = "http://{{addr}}:80/", expect = 200, interval = "100ms", timeout = "500ms", healthy_after = 2, unhealthy_after = 2 }}
 "#,
-            rootfs.display()
+            rootfs.display(),
+            mht = if extra.contains("min_healthy_time") {
+                ""
+            } else {
+                "min_healthy_time = \"300ms\""
+            },
         ),
     )
 }
@@ -319,4 +324,138 @@ fn group_vip_failover_rolling_update_revert_scale() {
     let names: Vec<String> = b.ps().into_iter().map(|x| x.name).collect();
     assert_eq!(names, vec![m0.clone()]);
     assert_eq!(wait_vip(&b, o, ""), m0);
+}
+
+/// The page a member serves, fetched from the host namespace.
+fn member_page(b: &Berth, o: u8, index: u32) -> String {
+    b.curl(&format!("http://10.{o}.0.{index}/"))
+        .unwrap_or_default()
+}
+
+#[test]
+fn group_companions_and_rollout_resumed_after_daemon_kill() {
+    if !require(
+        "group_companions_and_rollout_resumed_after_daemon_kill",
+        CAPS,
+    ) {
+        return;
+    }
+    let tag = unique_tag("gc");
+    let o = 72;
+    let mut b = Berth::new(&tag);
+    route_vip_from_inet(&b, o);
+    let g = tag.replace('-', "");
+    let (m0, m1) = (format!("{g}-0"), format!("{g}-1"));
+    let (c0, c1) = (format!("{m0}-db"), format!("{m1}-db"));
+    let rootfs = busybox_rootfs();
+    let companion = format!(
+        r#"
+[[group.{g}.template.companions]]
+name = "db"
+index_base = 20
+kind = "container"
+rootfs = "{}"
+ephemeral = true
+stop_timeout = "1s"
+command = ["/bin/sh", "-c", "exec sleep 100000"]
+"#,
+        rootfs.display()
+    );
+    // A slower health check on the update makes the rollout last long
+    // enough to kill the daemon in the middle of it.
+    let with = |b: &Berth, version: &str, extra: &str| {
+        let mut s = group_spec(b, o, &g, 2, version, extra);
+        s.push_str(&companion);
+        s
+    };
+    let v1 = b.write("v1.toml", &with(&b, "v1", ""));
+    let (ok, out) = apply(&b, v1.to_str().expect("utf8"));
+    assert!(ok, "{out}");
+    let names: Vec<String> = b.ps().into_iter().map(|x| x.name).collect();
+    for n in [&m0, &m1, &c0, &c1] {
+        assert!(names.contains(n), "{n} missing from {names:?}");
+    }
+    wait_vip(&b, o, "");
+
+    // An ephemeral companion starts from a clean state on every restart.
+    let out = b.cli_ok(&[
+        "exec",
+        &c0,
+        "--",
+        "sh",
+        "-c",
+        "echo x > /var/state && cat /var/state",
+    ]);
+    assert_eq!(out.trim(), "x");
+    b.cli_ok(&["restart", &c0]);
+    let out = b.cli(&["exec", &c0, "--", "cat", "/var/state"]);
+    assert!(
+        !out.status.success(),
+        "state survived a restart of an ephemeral companion"
+    );
+
+    // The rollout restarts each member's companion with it; the daemon is
+    // killed half-way and the next daemon finishes the job.
+    let started = |b: &Berth, n: &str| b.guest(n).started_at;
+    let before: Vec<Option<u64>> = [&m0, &m1, &c0, &c1]
+        .iter()
+        .map(|n| started(&b, n))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1100)); // started_at has 1 s resolution
+    let v2 = b.write("v2.toml", &with(&b, "v2", "min_healthy_time = \"2s\""));
+    let l = load(&b, o);
+    std::thread::sleep(Duration::from_millis(300));
+    let apply_log = b.dir.path().join("apply.log");
+    let log = std::fs::File::create(&apply_log).expect("apply log");
+    let mut client = b
+        .cmd(&["apply", "--yes", v2.to_str().expect("utf8")])
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("apply");
+    // Wait until the first member runs v2 (it then waits out min_healthy_time).
+    let midway = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        member_page(&b, o, 10).contains("v2").then_some(())
+    });
+    assert!(
+        midway.is_some(),
+        "the rollout never reached {m0}: {}\n{}",
+        std::fs::read_to_string(&apply_log).unwrap_or_default(),
+        b.daemon_log()
+    );
+    b.kill_daemon();
+    let _ = client.wait();
+    // Nothing moves while no daemon runs: the VIP keeps serving.
+    std::thread::sleep(Duration::from_millis(500));
+    b.start_daemon();
+    let done = wait_until(Duration::from_secs(60), Duration::from_millis(100), || {
+        (member_page(&b, o, 10).contains("v2")
+            && member_page(&b, o, 11).contains("v2")
+            && b.ps().iter().all(|x| x.drained.is_none()))
+        .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let r = l.stop();
+    assert!(
+        done.is_some(),
+        "the rollout was not resumed: {:?}\n{}",
+        b.ps(),
+        b.daemon_log()
+    );
+    assert!(
+        b.daemon_log().contains("resuming the interrupted apply"),
+        "{}",
+        b.daemon_log()
+    );
+    no_failures("rollout across a daemon kill -9", &r);
+    let after: Vec<Option<u64>> = [&m0, &m1, &c0, &c1]
+        .iter()
+        .map(|n| started(&b, n))
+        .collect();
+    for (i, n) in [&m0, &m1, &c0, &c1].iter().enumerate() {
+        assert_ne!(before[i], after[i], "{n} was not restarted by the rollout");
+    }
+    // Nothing left to do.
+    let plan = b.cli_ok(&["plan", v2.to_str().expect("utf8")]);
+    assert!(plan.contains("No changes"), "{plan}");
 }
