@@ -66,9 +66,9 @@ pub fn agent_exec(
         stdin: base64::engine::general_purpose::STANDARD.encode(stdin),
         timeout_ms: timeout.as_millis() as u64,
     };
-    // The shim enforces `timeout`; the margin covers the agent probe and
-    // kill-on-timeout.
-    call(&paths.socket(), &req, timeout + Duration::from_secs(30))
+    // The shim enforces `timeout`; the margin covers the agent probe, a
+    // last status answer carrying big output, and kill-on-timeout.
+    call(&paths.socket(), &req, timeout + Duration::from_secs(60))
 }
 
 /// The live status, or None when no shim answers on the socket.

@@ -315,12 +315,12 @@ pub fn exec(
             )));
         }
         // A finished command's output (up to 2 x 16 MiB, base64) comes in
-        // this answer: allow for it.
+        // this answer: allow for it even when the deadline is near.
         match call(
             chan,
             "guest-exec-status",
             json!({"pid": pid}),
-            Duration::from_secs(120).max(left),
+            left.clamp(Duration::from_secs(30), Duration::from_secs(120)),
         ) {
             Ok(v) if v.get("exited").and_then(Value::as_bool) == Some(true) => break v,
             Ok(_) => {}
@@ -478,6 +478,51 @@ mod tests {
             Err(ExecError::Failed(e)) => assert!(e.contains("No such file"), "{e}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_timeout_kills_the_command_in_the_guest() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut w = b.try_clone().unwrap();
+            let mut r = std::io::BufReader::new(b);
+            let mut line = Vec::new();
+            while r.read_until(b'\n', &mut line).unwrap_or(0) > 0 {
+                let text: Vec<u8> = line.iter().copied().filter(|&b| b != 0xff).collect();
+                line.clear();
+                let v: Value = serde_json::from_slice(&text).unwrap();
+                let ans = match v["execute"].as_str().unwrap() {
+                    "guest-sync-delimited" => {
+                        let mut a = vec![0xffu8];
+                        a.extend_from_slice(
+                            json!({"return": v["arguments"]["id"]})
+                                .to_string()
+                                .as_bytes(),
+                        );
+                        a.push(b'\n');
+                        w.write_all(&a).unwrap();
+                        continue;
+                    }
+                    "guest-exec" => {
+                        let _ = tx.send(v["arguments"].clone());
+                        json!({"return": {"pid": 9}})
+                    }
+                    _ => json!({"return": {"exited": false}}),
+                };
+                w.write_all(format!("{ans}\n").as_bytes()).unwrap();
+            }
+        });
+        let chan = Mutex::new(Some(Qga::new(a)));
+        match exec(&chan, &["sleep".into()], b"", Duration::from_millis(300)) {
+            Err(ExecError::Failed(e)) => assert!(e.contains("timed out"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rx.recv().unwrap()["path"], "sleep");
+        assert_eq!(
+            rx.recv().unwrap(),
+            json!({"path": "kill", "arg": ["-KILL", "9"]})
+        );
     }
 
     #[test]
