@@ -9,15 +9,20 @@
 #                     behind Debian's linux-image-amd64 with apt-get
 #   BUSYBOX=/path     another static busybox (default /bin/busybox, from
 #                     Debian's busybox-static)
+#   QEMU_GA=/path     the QEMU guest agent to put in the guest (default: the
+#                     host's qemu-ga, from Debian's qemu-guest-agent, if any;
+#                     QEMU_GA=none leaves it out)
 #
 # Produces in DIR:
 #   vmlinuz      the kernel (boot/vmlinuz-<ver> from the package)
-#   initrd.img   gzip'd newc cpio: busybox, /init, the virtio (+ ext4) modules
+#   initrd.img   gzip'd newc cpio: busybox, /init, the virtio (+ ext4) modules,
+#                and qemu-ga with its shared libraries when the host has it
 #   disk.img     32 MiB raw ext4 image with the same root and /berth-disk-root
-#   VERSION      "kernel <ver>", "deb <file name>", "script <sha256 of this file>"
+#   VERSION      "kernel <ver>", "deb <file name>", "script <sha256 of this file>",
+#                "qga yes|no"
 #
 # Idempotent: a DIR whose VERSION matches this script (and the override .deb,
-# if set) is left alone. It builds in a temp dir next to DIR and renames it into
+# if set, and whether the host has qemu-ga) is left alone. It builds in a temp dir next to DIR and renames it into
 # place, so DIR is either complete or absent and concurrent callers are safe.
 #
 # The guest's /init understands, on the kernel command line:
@@ -29,6 +34,10 @@
 #   berth.root=/dev/vda [berth.rootfstype=ext4] [ro]
 #                                        switch to that disk (which carries
 #                                        the same init) before the rest
+#   berth.noqga                          do not start qemu-ga (which otherwise
+#                                        runs on the virtio-serial port
+#                                        org.qemu.guest_agent.0, if present)
+#   berth.noexecport                     no shell on the berth.exec port
 # It prints "berth-fixture: booted", then "berth-fixture: disk root" when it
 # runs from the disk, and "berth-fixture: ready" once httpd serves
 # /www/index.html ("berth-vm-fixture <hostname>") on port 80; then it keeps a
@@ -67,12 +76,27 @@ hint() {
 need sha256sum cut sed sort find gzip
 script_hash=$(sha256sum <"$0" | cut -c1-64)
 
+# The guest agent to include, if any.
+qga=${QEMU_GA:-}
+if [ -z "$qga" ]; then
+    qga=$(command -v qemu-ga 2>/dev/null || true)
+    [ -n "$qga" ] || [ ! -x /usr/sbin/qemu-ga ] || qga=/usr/sbin/qemu-ga
+fi
+[ "$qga" != none ] || qga=
+if [ -n "$qga" ]; then
+    [ -x "$qga" ] || die "QEMU_GA=$qga: not an executable"
+    qga_state=yes
+else
+    qga_state=no
+fi
+
 # up_to_date D: D holds a complete fixture built by this script (and from the
 # override .deb, when one is set).
 up_to_date() {
     [ -f "$1/VERSION" ] && [ -f "$1/vmlinuz" ] && [ -f "$1/initrd.img" ] && [ -f "$1/disk.img" ] ||
         return 1
     grep -qx "script $script_hash" "$1/VERSION" || return 1
+    grep -qx "qga $qga_state" "$1/VERSION" || return 1
     if [ -n "$deb_override" ]; then
         grep -qx "deb $(basename "$deb_override")" "$1/VERSION" || return 1
     fi
@@ -196,6 +220,20 @@ printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
 printf 'root:x:0:\n' >"$root/etc/group"
 printf 'berth-vm-fixture\n' >"$root/www/index.html"
 
+# --- QEMU guest agent (dynamically linked: it brings its libraries) ---------
+if [ -n "$qga" ]; then
+    need ldd
+    cp "$qga" "$root/bin/qemu-ga"
+    chmod 0755 "$root/bin/qemu-ga"
+    libs=$(ldd "$qga" | sed -n -e 's/^.*=> *\(\/[^ ]*\) .*$/\1/p' -e 's/^[[:space:]]*\(\/[^ ]*\) (.*$/\1/p')
+    [ -n "$libs" ] || die "ldd $qga listed no libraries"
+    for l in $libs; do
+        mkdir -p "$root$(dirname "$l")"
+        cp -L "$l" "$root$l"
+    done
+    say "qemu-ga: $qga + $(echo "$libs" | wc -w) libraries"
+fi
+
 # --- modules --------------------------------------------------------------
 # Loaded by /init in this order (dependencies are added in front of the
 # module that needs them). Built-in or absent ones are skipped.
@@ -273,9 +311,11 @@ export PATH
 exec </dev/console >/dev/console 2>&1
 say() { echo "berth-fixture: $*"; }
 set -f
-ipconf= ip6= gw6= vip4= rootdev= rootfstype= rootflags=rw fetch=
+ipconf= ip6= gw6= vip4= rootdev= rootfstype= rootflags=rw fetch= noqga= noexecport=
 for a in $(cat /proc/cmdline); do
     case $a in
+        berth.noqga) noqga=1 ;;
+        berth.noexecport) noexecport=1 ;;
         ip=*) ipconf=${a#ip=} ;;
         berth.ip6=*) ip6=${a#*=} ;;
         berth.gw6=*) gw6=${a#*=} ;;
@@ -411,9 +451,23 @@ done
 # terminal: commands in, output out, nothing echoed. A port can be opened
 # once at a time, hence one read-write open for all three descriptors.
 for p in /sys/class/virtio-ports/*; do
+    [ -z "$noexecport" ] || break
     if [ "$(cat "$p/name" 2>/dev/null)" = berth.exec ]; then
         port=/dev/${p##*/}
         (while true; do sh 0<>"$port" 1>&0 2>&0; sleep 0.2; done) &
+        break
+    fi
+done
+
+# The QEMU guest agent on its usual port (no udev here to make
+# /dev/virtio-ports/org.qemu.guest_agent.0, so find the port by name).
+for p in /sys/class/virtio-ports/*; do
+    [ -z "$noqga" ] && [ -x /bin/qemu-ga ] || break
+    if [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ]; then
+        mkdir -p /run/qemu-ga
+        qemu-ga -m virtio-serial -p "/dev/${p##*/}" -t /run/qemu-ga -f /run/qemu-ga.pid \
+            -l /run/qemu-ga.log </dev/null >/dev/null 2>&1 &
+        say "qemu-ga on /dev/${p##*/}"
         break
     fi
 done
@@ -437,7 +491,7 @@ mke2fs -q -F -t ext4 -L berth-root -E root_owner=0:0 -d "$root" "$tmp/disk.img" 
     die "mke2fs -d failed (needs e2fsprogs >= 1.43)"
 chmod 0644 "$tmp/disk.img"
 
-printf 'kernel %s\ndeb %s\nscript %s\n' "$kver" "$(basename "$deb")" "$script_hash" >"$tmp/VERSION"
+printf 'kernel %s\ndeb %s\nscript %s\nqga %s\n' "$kver" "$(basename "$deb")" "$script_hash" "$qga_state" >"$tmp/VERSION"
 rm -rf "$work"
 
 # --- into place -----------------------------------------------------------

@@ -174,6 +174,11 @@ pub struct ExecResponse {
     pub stdout: String,
     /// stderr, base64 (standard alphabet).
     pub stderr: String,
+    /// Which channel carried the command: `nsenter` (containers); for VMs
+    /// `agent` (QEMU guest agent), `exec-port` (berth's virtio-serial
+    /// shell) or `console` (serial console). Absent where not recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
 }
 
 /// One stored, encrypted backup of a guest's configuration.

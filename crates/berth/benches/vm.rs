@@ -70,6 +70,7 @@ fn raw_qemu(b: &Berth, fx: &berth_testkit::VmFixture, index: u32) -> std::proces
         qmp_socket: qmp,
         serial_socket: None,
         exec_socket: None,
+        qga_socket: None,
         runas: Some(berth_vm::QEMU_USER.into()),
         sandbox: true,
     });

@@ -105,7 +105,7 @@ enum Cmd {
         #[arg(long)]
         since: Option<String>,
     },
-    /// Run a command in a running container and pass on its stdout, stderr
+    /// Run a command in a running guest and pass on its stdout, stderr
     /// and exit code exactly (stdin is forwarded when it is not a terminal).
     ///
     ///   berth exec db1 -- cat /etc/os-release
@@ -121,6 +121,11 @@ enum Cmd {
         /// /etc/passwd, or uid[:gid]. Default root.
         #[arg(long, short = 'u')]
         user: Option<String>,
+        /// Print the API's answer instead (exit_code, base64 stdout and
+        /// stderr, and the channel used: nsenter, agent, exec-port or
+        /// console); the exit status is still the command's.
+        #[arg(long)]
+        json: bool,
     },
     /// Attach the terminal to a guest's console (container: its command's
     /// terminal; VM: its serial port). Detach with Ctrl-] (as in telnet and
@@ -232,7 +237,8 @@ pub fn run() -> Result<ExitCode> {
             argv,
             timeout,
             user,
-        } => exec(&client, &name, argv, timeout, user),
+            json,
+        } => exec(&client, &name, argv, timeout, user, json),
         Cmd::Console { name, read_only } => console(&cli.socket, &name, read_only),
         Cmd::Backup { args, json } => backup(&client, &args, json),
         Cmd::Restore {
@@ -590,11 +596,12 @@ fn exec(
     argv: Vec<String>,
     timeout: u64,
     user: Option<String>,
+    json: bool,
 ) -> Result<ExitCode> {
     use base64::Engine as _;
     use std::io::Read;
     let b64 = base64::engine::general_purpose::STANDARD;
-    if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
+    if !json && std::io::stdin().is_terminal() && std::io::stdout().is_terminal() {
         return exec_interactive(client, name, &argv, user.as_deref());
     }
     let mut stdin = Vec::new();
@@ -607,12 +614,17 @@ fn exec(
     let r: berth_api::ExecResponse = client
         .call("POST", &format!("/v1/guests/{name}/exec"), Some(&body))
         .with_context(|| format!("exec in guest `{name}`"))?;
+    let code = ExitCode::from(u8::try_from(r.exit_code).unwrap_or(255));
+    if json {
+        print_json(&r)?;
+        return Ok(code);
+    }
     let out = b64.decode(&r.stdout).context("decoding stdout")?;
     let err = b64.decode(&r.stderr).context("decoding stderr")?;
     std::io::stdout().write_all(&out)?;
     std::io::stdout().flush()?;
     std::io::stderr().write_all(&err)?;
-    Ok(ExitCode::from(u8::try_from(r.exit_code).unwrap_or(255)))
+    Ok(code)
 }
 
 fn backup(client: &Client, args: &[String], json: bool) -> Result<ExitCode> {

@@ -50,6 +50,50 @@ fn qemu_pids(tag: &str) -> Vec<String> {
     .unwrap_or_default()
 }
 
+/// `berth exec --json NAME -- ARGV`: the API's answer (exit code, base64
+/// output, channel).
+fn exec_json(b: &Berth, name: &str, argv: &[&str]) -> serde_json::Value {
+    let mut args = vec!["exec", "--json", name, "--"];
+    args.extend_from_slice(argv);
+    let out = b.cli(&args);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("exec --json: {e}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// 1 MiB of random bytes out of the guest, intact (md5 from the guest on
+/// stderr); prints how long it took.
+fn exec_one_mib(b: &Berth, name: &str, via: &str) {
+    let started = std::time::Instant::now();
+    let big = b
+        .cmd(&[
+            "exec",
+            "--timeout",
+            "120",
+            name,
+            "--",
+            "/bin/sh",
+            "-c",
+            "head -c 1048576 /dev/urandom > /tmp/r; md5sum /tmp/r >&2; cat /tmp/r; rm /tmp/r",
+        ])
+        .output()
+        .expect("berth exec");
+    eprintln!(
+        "1 MiB of exec output through the {via} in {:?}",
+        started.elapsed()
+    );
+    assert!(
+        big.status.success(),
+        "{}",
+        String::from_utf8_lossy(&big.stderr)
+    );
+    assert_eq!(big.stdout.len(), 1 << 20);
+    let host_sum = common::md5_hex(&big.stdout);
+    assert!(
+        String::from_utf8_lossy(&big.stderr).contains(&host_sum),
+        "output changed on the way"
+    );
+}
+
 #[test]
 fn vms_and_a_container_routed_supervised_destroyed() {
     if !require("vms_and_a_container_routed_supervised_destroyed", CAPS) {
@@ -210,7 +254,8 @@ fn vm_pinning_and_q35_disk_boot() {
     );
     let guests = format!(
         "{}[guest.{vq}]\nkind = \"vm\"\nindex = 31\nmachine = \"q35\"\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"console=ttyS0 panic=-1 berth.root=/dev/vda\"\ndisks = [{{ path = \"{}\" }}]\nstop_timeout = \"2s\"\n",
-        vm(&vp, 30, &fx, &pin_extra).replace(" berth.fetch={inet}", ""),
+        // No guest agent in this one: exec takes berth's own port.
+        vm(&vp, 30, &fx, &pin_extra).replace(" berth.fetch={inet}", " berth.noqga"),
         fx.kernel.display(),
         fx.initrd.display(),
         disk.display()
@@ -275,8 +320,9 @@ fn vm_pinning_and_q35_disk_boot() {
     );
 
     // exec over the VM's virtio-serial port (the fixture runs a shell on
-    // berth.exec): exact stdout, stderr, exit code; stdin; 1 MiB of random
-    // bytes intact (md5 from the guest on stderr).
+    // berth.exec; no guest agent here): exact stdout, stderr, exit code;
+    // stdin; 1 MiB of random bytes intact (md5 from the guest on stderr).
+    assert_eq!(exec_json(&b, &vp, &["true"])["channel"], "exec-port");
     let out = b.cli(&[
         "exec",
         &vp,
@@ -306,27 +352,7 @@ fn vm_pinning_and_q35_disk_boot() {
         String::from_utf8_lossy(&piped.wait_with_output().expect("exec").stdout),
         "IT'S PIPED\n"
     );
-    let big = b.cli(&[
-        "exec",
-        "--timeout",
-        "120",
-        &vp,
-        "--",
-        "/bin/sh",
-        "-c",
-        "head -c 1048576 /dev/urandom > /tmp/r; md5sum /tmp/r >&2; cat /tmp/r",
-    ]);
-    assert!(
-        big.status.success(),
-        "{}",
-        String::from_utf8_lossy(&big.stderr)
-    );
-    assert_eq!(big.stdout.len(), 1 << 20);
-    let host_sum = common::md5_hex(&big.stdout);
-    assert!(
-        String::from_utf8_lossy(&big.stderr).contains(&host_sum),
-        "output changed on the way"
-    );
+    exec_one_mib(&b, &vp, "berth.exec port");
 
     // Only berth's QMP socket, 0600.
     let qmp = b.state.join(format!("guests/{vp}/qmp.sock"));
@@ -443,4 +469,192 @@ fn uefi_q35_boots_with_its_own_variable_store() {
         "no per-guest UEFI variable store at {}",
         vars.display()
     );
+}
+
+/// The guest runs qemu-ga and no shell on berth.exec (`berth.noexecport`),
+/// so exec goes through the agent; then the agent is killed and exec falls
+/// back to the serial console. The daemon is killed on the way: console and
+/// exec of the VM still work through a new one.
+#[test]
+fn vm_exec_through_the_guest_agent() {
+    if !require("vm_exec_through_the_guest_agent", CAPS) {
+        return;
+    }
+    use age::secrecy::ExposeSecret;
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let fx = vm_fixture().expect("VM fixture");
+    if !fx.agent {
+        assert!(
+            std::env::var("BERTH_E2E_REQUIRED").as_deref() != Ok("1"),
+            "the VM fixture has no qemu-ga: apt-get install qemu-guest-agent and rebuild it"
+        );
+        eprintln!(
+            "skip vm_exec_through_the_guest_agent: the VM fixture has no qemu-ga (apt-get install qemu-guest-agent)"
+        );
+        return;
+    }
+    let tag = unique_tag("qa");
+    let mut b = Berth::new(&tag);
+    let name = format!("{tag}-g");
+    let id = age::x25519::Identity::generate();
+    let idfile = b.write("id.txt", &format!("{}\n", id.to_string().expose_secret()));
+    let backup = format!(
+        "backup = {{ command = [\"cat\", \"/tmp/app.conf\"], restore_command = [\"/bin/sh\", \"-c\", \"cat > /tmp/restored\"], recipients = [\"{}\"] }}",
+        id.to_public()
+    );
+    let g = vm(&name, 50, &fx, &backup).replace(" berth.fetch={inet}", " berth.noexecport");
+    let file = b.write("spec.toml", &spec(b.net.uplink(), 76, &g));
+    b.cli_ok(&["apply", "--yes", file.to_str().expect("utf8")]);
+
+    // Booted, agent started, and exec reaches it.
+    let console_log = b.state.join(format!("guests/{name}/console.log"));
+    let started = wait_until(Duration::from_secs(180), Duration::from_millis(500), || {
+        std::fs::read_to_string(&console_log)
+            .ok()
+            .filter(|c| c.contains("berth-fixture: qemu-ga on"))
+    });
+    assert!(started.is_some(), "qemu-ga did not start in the guest");
+    let up = wait_until(Duration::from_secs(60), Duration::from_millis(500), || {
+        let v = exec_json(&b, &name, &["/bin/echo", "hi"]);
+        (v["channel"] == "agent").then_some(v)
+    })
+    .expect("exec never went through the guest agent");
+    assert_eq!(
+        b64.decode(up["stdout"].as_str().expect("stdout")).ok(),
+        Some(b"hi\n".to_vec())
+    );
+
+    // Exact stdout, stderr and exit code, non-zero and zero.
+    let out = b.cli(&[
+        "exec",
+        &name,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo out-$((2+3)); echo err >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out-5\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    let out = b.cli(&["exec", &name, "--", "printf", "no newline"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout, b"no newline");
+    assert!(out.stderr.is_empty());
+
+    // stdin reaches the command.
+    let mut piped = b
+        .cmd(&["exec", &name, "--", "/bin/sh", "-c", "tr a-z A-Z"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("exec");
+    std::io::Write::write_all(
+        piped.stdin.as_mut().expect("stdin"),
+        b"it's piped\n\x00\xff",
+    )
+    .expect("write");
+    drop(piped.stdin.take());
+    assert_eq!(
+        piped.wait_with_output().expect("exec").stdout,
+        b"IT'S PIPED\n\x00\xff"
+    );
+
+    exec_one_mib(&b, &name, "guest agent");
+    let sock = b.state.join(format!("guests/{name}/qga.sock"));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&sock).expect("qga.sock").permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "qga.sock mode {mode:o}");
+
+    // A missing program is a clear error, not an empty success.
+    let missing = b.cli(&["exec", &name, "--", "/nonexistent/prog", "x"]);
+    assert!(!missing.status.success());
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        err.contains("/nonexistent/prog") && err.contains("No such file"),
+        "{err}"
+    );
+
+    // exec while someone sits on the console, typing: neither waits for
+    // the other.
+    let mut con = ConsoleClient::attach(&b, &["console", &name]);
+    let mut watcher = ConsoleClient::attach(&b, &["console", "--read-only", &name]);
+    let during = b
+        .cmd(&["exec", &name, "--", "/bin/sh", "-c", "sleep 2; echo during"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("exec");
+    con.type_(b"\necho con-$((6*7))\n");
+    assert!(
+        con.wait_for_within("con-42", Duration::from_secs(30)),
+        "console: {:?}",
+        con.seen
+    );
+    assert!(watcher.wait_for_within("con-42", Duration::from_secs(30)));
+    let during = during.wait_with_output().expect("exec");
+    assert_eq!(String::from_utf8_lossy(&during.stdout), "during\n");
+    assert!(con.detach().success());
+    assert!(watcher.detach().success());
+
+    // Backup and restore go through exec, hence the agent: binary-safe.
+    b.cli_ok(&[
+        "exec",
+        &name,
+        "--",
+        "/bin/sh",
+        "-c",
+        "printf 'secret-config\\001\\377\\n' > /tmp/app.conf",
+    ]);
+    let info: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["backup", "--json", &name])).expect("json");
+    let path = info["file"].as_str().expect("file").to_string();
+    let sealed = std::fs::read(&path).expect("backup file");
+    let plain = age::decrypt(&id, &sealed).expect("decrypts with the identity");
+    assert_eq!(plain, b"secret-config\x01\xff\n");
+    b.cli_ok(&[
+        "restore",
+        &name,
+        &path,
+        "--identity",
+        idfile.to_str().expect("utf8"),
+    ]);
+    assert_eq!(
+        b.cli(&["exec", &name, "--", "cat", "/tmp/restored"]).stdout,
+        plain
+    );
+
+    // kill -9 the daemon: the VM's console and exec work through a new one.
+    let pid = b.guest(&name).pid;
+    b.kill_daemon();
+    b.start_daemon();
+    assert_eq!(b.guest(&name).pid, pid, "the VM was restarted");
+    let mut con = ConsoleClient::attach(&b, &["console", &name]);
+    con.type_(b"\necho after-kill-$((5*5))\n");
+    assert!(
+        con.wait_for_within("after-kill-25", Duration::from_secs(30)),
+        "console after daemon restart: {:?}",
+        con.seen
+    );
+    let v = exec_json(&b, &name, &["/bin/sh", "-c", "echo again"]);
+    assert_eq!(v["channel"], "agent");
+    assert_eq!(v["stdout"], b64.encode("again\n"));
+
+    // Without the agent (killed from the console), exec falls back to the
+    // serial console, still exact.
+    con.type_(b"kill $(pidof qemu-ga); echo agent-$((1+1))-gone\n");
+    assert!(con.wait_for_within("agent-2-gone", Duration::from_secs(30)));
+    assert!(con.detach().success());
+    let v = wait_until(Duration::from_secs(60), Duration::from_millis(500), || {
+        let v = exec_json(
+            &b,
+            &name,
+            &["/bin/sh", "-c", "echo fell-back; echo e >&2; exit 4"],
+        );
+        (v["channel"] == "console").then_some(v)
+    })
+    .expect("exec did not fall back to the console");
+    assert_eq!(v["exit_code"], 4);
+    assert_eq!(v["stdout"], b64.encode("fell-back\n"));
+    assert_eq!(v["stderr"], b64.encode("e\n"));
 }

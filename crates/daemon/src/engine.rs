@@ -42,6 +42,9 @@ impl EngineError {
     }
 }
 
+/// What an exec gives back: exit code (or 128 + signal), stdout, stderr.
+pub type ExecOutput = (i32, Vec<u8>, Vec<u8>);
+
 /// How long a started guest must stay up before `apply` calls it started.
 /// A guest that exits within this window is reported as failing at once.
 pub fn start_grace() -> Duration {
@@ -741,7 +744,23 @@ impl Engine {
         stdin: Vec<u8>,
         timeout: Duration,
         user: Option<&str>,
-    ) -> Result<(i32, Vec<u8>, Vec<u8>), EngineError> {
+    ) -> Result<ExecOutput, EngineError> {
+        self.exec_via(name, argv, stdin, timeout, user)
+            .map(|(r, _)| r)
+    }
+
+    /// [`Engine::exec_as`], also saying which channel carried the command:
+    /// `nsenter` (containers); for VMs `agent` (QEMU guest agent,
+    /// `guest-exec`), `exec-port` (berth's virtio-serial shell) or `console`
+    /// (serial console), tried in that order.
+    pub fn exec_via(
+        &self,
+        name: &str,
+        argv: &[String],
+        stdin: Vec<u8>,
+        timeout: Duration,
+        user: Option<&str>,
+    ) -> Result<(ExecOutput, &'static str), EngineError> {
         use std::io::{Read, Write};
         use std::os::unix::process::ExitStatusExt;
         let rec = self.record(name)?;
@@ -751,6 +770,9 @@ impl Engine {
                 return Err(EngineError::Conflict(format!(
                     "exec as another user is for containers; in VM `{name}` use e.g. `su USER -c ...` in the command"
                 )));
+            }
+            if let Some(r) = self.exec_agent(name, argv, &stdin, timeout)? {
+                return Ok((r, "agent"));
             }
             return self.exec_console(name, argv, &stdin, timeout);
         }
@@ -812,7 +834,60 @@ impl Engine {
         let code = status
             .code()
             .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-        Ok((code, stdout, stderr))
+        Ok(((code, stdout, stderr), "nsenter"))
+    }
+
+    /// exec through the VM's QEMU guest agent; `None` when no agent answers
+    /// (nothing ran: the caller tries the next channel).
+    fn exec_agent(
+        &self,
+        name: &str,
+        argv: &[String],
+        stdin: &[u8],
+        timeout: Duration,
+    ) -> Result<Option<ExecOutput>, EngineError> {
+        use base64::Engine as _;
+        use berth_shim::proto::AgentExecReply as R;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        self.running_leader(name, &[ShimState::Running, ShimState::Booting])?;
+        let reply = match client::agent_exec(&self.paths(name), argv, stdin, timeout) {
+            Ok(r) => r,
+            // A shim from before the agent channel answers with an error
+            // object, which is no reply of this type: nothing ran.
+            Err(e) if e.get_ref().is_some_and(|i| i.is::<serde_json::Error>()) => {
+                tracing::debug!(guest = name, error = %e, "no guest agent exec in this shim");
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(EngineError::guest(
+                    name,
+                    format!("exec through the guest agent: {e}"),
+                ));
+            }
+        };
+        match reply {
+            R::NoAgent { reason } => {
+                tracing::debug!(guest = name, reason, "no guest agent; exec falls back");
+                Ok(None)
+            }
+            R::Failed { error } => Err(EngineError::guest(name, error)),
+            R::Done {
+                exit_code,
+                stdout,
+                stderr,
+            } => {
+                let dec = |s: &str, what: &str| {
+                    b64.decode(s).map_err(|e| {
+                        EngineError::guest(name, format!("{what} from the shim is not base64: {e}"))
+                    })
+                };
+                Ok(Some((
+                    exit_code,
+                    dec(&stdout, "stdout")?,
+                    dec(&stderr, "stderr")?,
+                )))
+            }
+        }
     }
 
     fn backup_spec(&self, name: &str) -> Result<berth_spec::Backup, EngineError> {
@@ -1062,7 +1137,7 @@ impl Engine {
         argv: &[String],
         stdin: &[u8],
         timeout: Duration,
-    ) -> Result<(i32, Vec<u8>, Vec<u8>), EngineError> {
+    ) -> Result<(ExecOutput, &'static str), EngineError> {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
         let paths = self.paths(name);
@@ -1097,12 +1172,18 @@ impl Engine {
         }
         let reply = client::console_script(&paths, &script, &format!("BERTH-END-{id}"), timeout)
             .map_err(|e| EngineError::guest(name, format!("exec over the console: {e}")))?;
+        let channel = match reply.channel.as_deref() {
+            Some("exec-port") => "exec-port",
+            _ => "console",
+        };
         let text = match (reply.output, reply.error) {
             (Some(t), _) => t,
             (None, Some(e)) => return Err(EngineError::Conflict(format!("guest `{name}`: {e}"))),
             (None, None) => String::new(),
         };
-        parse_console_exec(&text, &id).map_err(|e| EngineError::guest(name, e))
+        parse_console_exec(&text, &id)
+            .map(|r| (r, channel))
+            .map_err(|e| EngineError::guest(name, e))
     }
 
     /// At daemon start: guests that should run but whose shim is gone get a

@@ -187,12 +187,13 @@ async fn exec(
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("stdin is not base64: {e}")))?;
     let timeout = std::time::Duration::from_secs(req.timeout_secs.unwrap_or(300));
     let e = app.engine.clone();
-    let (code, out, err) =
-        blocking(move || e.exec_as(&name, &req.argv, stdin, timeout, req.user.as_deref())).await?;
+    let ((code, out, err), channel) =
+        blocking(move || e.exec_via(&name, &req.argv, stdin, timeout, req.user.as_deref())).await?;
     Ok(Json(berth_api::ExecResponse {
         exit_code: code,
         stdout: b64.encode(out),
         stderr: b64.encode(err),
+        channel: Some(channel.to_string()),
     }))
 }
 
@@ -229,6 +230,7 @@ async fn restore(
         exit_code: code,
         stdout: b64.encode(out),
         stderr: b64.encode(err),
+        channel: None,
     }))
 }
 

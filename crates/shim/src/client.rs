@@ -53,6 +53,24 @@ pub fn console_script(
     call(&paths.socket(), &req, timeout + Duration::from_secs(5))
 }
 
+/// Runs `argv` in a VM through its QEMU guest agent, via its shim.
+pub fn agent_exec(
+    paths: &GuestPaths,
+    argv: &[String],
+    stdin: &[u8],
+    timeout: Duration,
+) -> std::io::Result<crate::proto::AgentExecReply> {
+    use base64::Engine as _;
+    let req = Request::AgentExec {
+        argv: argv.to_vec(),
+        stdin: base64::engine::general_purpose::STANDARD.encode(stdin),
+        timeout_ms: timeout.as_millis() as u64,
+    };
+    // The shim enforces `timeout`; the margin covers the agent probe, a
+    // last status answer carrying big output, and kill-on-timeout.
+    call(&paths.socket(), &req, timeout + Duration::from_secs(60))
+}
+
 /// The live status, or None when no shim answers on the socket.
 pub fn status(paths: &GuestPaths) -> Option<ShimStatus> {
     request(&paths.socket(), &Request::Status, Duration::from_secs(2)).ok()

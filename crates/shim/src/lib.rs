@@ -9,6 +9,7 @@ pub mod client;
 mod console;
 pub mod paths;
 pub mod proto;
+pub mod qga;
 pub mod supervisor;
 mod vmrun;
 

@@ -106,6 +106,33 @@ pub enum Request {
         end: String,
         timeout_ms: u64,
     },
+    /// Run `argv` in a VM through the QEMU guest agent (`guest-exec`), if
+    /// one answers; see [`AgentExecReply`].
+    AgentExec {
+        argv: Vec<String>,
+        /// stdin, base64 (standard alphabet).
+        #[serde(default)]
+        stdin: String,
+        timeout_ms: u64,
+    },
+}
+
+/// The answer to [`Request::AgentExec`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum AgentExecReply {
+    /// No agent answered (no port, not open in the guest, or silent): the
+    /// command did not run; try the next channel.
+    NoAgent { reason: String },
+    /// The command ran. stdout and stderr are base64.
+    Done {
+        exit_code: i32,
+        stdout: String,
+        stderr: String,
+    },
+    /// The agent took the request but it failed (missing program, timeout,
+    /// output cut at the agent's cap): final, do not run it elsewhere.
+    Failed { error: String },
 }
 
 /// The answer to [`Request::ConsoleScript`].
@@ -114,4 +141,8 @@ pub struct ConsoleOutput {
     /// What the guest printed (lossy UTF-8: scripts print text, e.g. base64).
     pub output: Option<String>,
     pub error: Option<String>,
+    /// Where the script ran: `exec-port` (virtio-serial `berth.exec`) or
+    /// `console` (serial console). Absent from shims older than the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
 }

@@ -68,6 +68,8 @@ struct Shared {
     console: Arc<crate::console::Console>,
     /// A VM's fast exec channel (virtio-serial port), while QEMU runs.
     exec_chan: Mutex<Option<UnixStream>>,
+    /// A VM's QEMU guest agent channel, while QEMU runs.
+    qga: Mutex<Option<crate::qga::Qga>>,
 }
 
 impl Shared {
@@ -243,6 +245,7 @@ pub fn run(state_dir: &Path, guest: &str) -> Result<(), ShimError> {
         qmp: Mutex::new(None),
         console,
         exec_chan: Mutex::new(None),
+        qga: Mutex::new(None),
     });
     shared.update(|_| {});
     log(&format!(
@@ -366,20 +369,33 @@ fn handle(conn: UnixStream, shared: &Arc<Shared>) {
                     crate::vmrun::run_on_channel(c, &script, &end, Duration::from_secs(3), timeout)
                 })
             };
-            let res = match fast {
-                Some(r) => r,
-                None => shared.console.run_script(&script, &end, timeout),
+            let (res, channel) = match fast {
+                Some(r) => (r, "exec-port"),
+                None => (shared.console.run_script(&script, &end, timeout), "console"),
             };
             let reply = match res {
                 Ok(out) => crate::proto::ConsoleOutput {
                     output: Some(String::from_utf8_lossy(&out).into_owned()),
                     error: None,
+                    channel: Some(channel.into()),
                 },
                 Err(e) => crate::proto::ConsoleOutput {
                     output: None,
                     error: Some(e),
+                    channel: Some(channel.into()),
                 },
             };
+            let mut out = serde_json::to_string(&reply).unwrap_or_default();
+            out.push('\n');
+            let _ = conn.write_all(out.as_bytes());
+        }
+        Ok(Request::AgentExec {
+            argv,
+            stdin,
+            timeout_ms,
+        }) => {
+            let _ = conn.set_read_timeout(None);
+            let reply = agent_exec(shared, &argv, &stdin, Duration::from_millis(timeout_ms));
             let mut out = serde_json::to_string(&reply).unwrap_or_default();
             out.push('\n');
             let _ = conn.write_all(out.as_bytes());
@@ -405,6 +421,60 @@ fn handle(conn: UnixStream, shared: &Arc<Shared>) {
                 serde_json::Value::String(e.to_string())
             );
         }
+    }
+}
+
+/// exec through the QEMU guest agent: only if the guest has the agent's
+/// port open (QMP `query-chardev`, instant) and an agent answers a resync
+/// (a few seconds at most); otherwise the caller tries the next channel.
+fn agent_exec(
+    shared: &Shared,
+    argv: &[String],
+    stdin: &str,
+    timeout: Duration,
+) -> crate::proto::AgentExecReply {
+    use crate::proto::AgentExecReply as R;
+    use base64::Engine as _;
+    let stdin = match base64::engine::general_purpose::STANDARD.decode(stdin) {
+        Ok(s) => s,
+        Err(e) => {
+            return R::Failed {
+                error: format!("stdin is not base64: {e}"),
+            };
+        }
+    };
+    if shared
+        .qga
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .is_none()
+    {
+        return R::NoAgent {
+            reason: "the VM has no guest agent port".into(),
+        };
+    }
+    let open = shared
+        .qmp
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_mut()
+        .and_then(|q| crate::vmrun::chardev_open(q, crate::vmrun::QGA_CHARDEV));
+    if open == Some(false) {
+        return R::NoAgent {
+            reason: "no guest agent has the port open in the guest".into(),
+        };
+    }
+    match crate::qga::exec(&shared.qga, argv, &stdin, timeout) {
+        Ok(r) => {
+            let b64 = base64::engine::general_purpose::STANDARD;
+            R::Done {
+                exit_code: r.code,
+                stdout: b64.encode(r.stdout),
+                stderr: b64.encode(r.stderr),
+            }
+        }
+        Err(crate::qga::ExecError::NoAgent(reason)) => R::NoAgent { reason },
+        Err(crate::qga::ExecError::Failed(error)) => R::Failed { error },
     }
 }
 
@@ -446,8 +516,10 @@ fn supervise(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) {
         };
         *shared.qmp.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *shared.exec_chan.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *shared.qga.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let _ = std::fs::remove_file(shared.paths.dir.join("qmp.sock"));
         let _ = std::fs::remove_file(shared.paths.dir.join("exec.sock"));
+        let _ = std::fs::remove_file(shared.paths.dir.join("qga.sock"));
         cleanup(cfg);
         let stopping = shared.stop.load(Ordering::SeqCst);
         let failed = !matches!(&outcome, Ok(i) if i.success());
@@ -631,6 +703,7 @@ fn start_vm(cfg: &Guest, vm: &berth_spec::vm::Vm, shared: &Arc<Shared>) -> Resul
     ));
     *shared.qmp.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.qmp);
     *shared.exec_chan.lock().unwrap_or_else(|p| p.into_inner()) = started.exec;
+    *shared.qga.lock().unwrap_or_else(|p| p.into_inner()) = started.qga.map(crate::qga::Qga::new);
     shared.update(|s| {
         s.runner_pid = Some(pid);
         if s.state == ShimState::Starting {

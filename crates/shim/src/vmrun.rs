@@ -3,7 +3,10 @@
 //! ```text
 //! shim ── open tap vb<i> (fd 3) ──▶ qemu-system-x86_64 -netdev tap,fd=3 -qmp unix:qmp.sock
 //!   │        host side: addresses + /32,/128 routes     (guest configures itself from ip=)
-//!   └─ QMP: status, vCPU thread ids → pinning; system_powerdown / quit to stop
+//!   ├─ QMP: status, vCPU thread ids → pinning; system_powerdown / quit to stop
+//!   └─ virtio-serial ports, each a unix socket the shim holds, for exec:
+//!        org.qemu.guest_agent.0 (qga.sock: qemu-ga, `guest-exec`, see qga.rs)
+//!        berth.exec             (exec.sock: a shell, if the guest runs one there)
 //! ```
 //!
 //! A guest reboot is handled inside QEMU (no `-no-reboot`): the process and
@@ -33,6 +36,22 @@ pub struct Started {
     pub warnings: Vec<String>,
     /// Connection to the guest's `berth.exec` virtio-serial port.
     pub exec: Option<std::os::unix::net::UnixStream>,
+    /// Connection to the guest's `org.qemu.guest_agent.0` port.
+    pub qga: Option<std::os::unix::net::UnixStream>,
+}
+
+/// QEMU's id for the guest agent port's chardev (see `berth_vm::qemu_argv`).
+pub const QGA_CHARDEV: &str = "qga0";
+
+/// Whether the guest has the virtio-serial port behind chardev `label` open
+/// (QMP `query-chardev`, `frontend-open`); `None` if QMP cannot say.
+pub fn chardev_open(qmp: &mut berth_vm::Qmp, label: &str) -> Option<bool> {
+    let list = qmp.execute("query-chardev", None).ok()?;
+    list.as_array()?
+        .iter()
+        .find(|c| c.get("label").and_then(|l| l.as_str()) == Some(label))?
+        .get("frontend-open")?
+        .as_bool()
 }
 
 /// Runs a marker-delimited script over the virtio-serial port (see
@@ -220,6 +239,7 @@ pub fn start(
 
     let qmp_path = paths.dir.join("qmp.sock");
     let _ = std::fs::remove_file(&qmp_path);
+    let _ = std::fs::remove_file(paths.dir.join("qga.sock"));
     let tsc = berth_vm::host_tsc_khz();
     let argv = berth_vm::qemu_argv(&berth_vm::VmConfig {
         name: cfg.name.clone(),
@@ -258,6 +278,7 @@ pub fn start(
         qmp_socket: qmp_path.clone(),
         serial_socket: None,
         exec_socket: Some(paths.dir.join("exec.sock")),
+        qga_socket: Some(paths.dir.join("qga.sock")),
         runas: runas.map(|_| QEMU_USER.to_string()),
         sandbox: true,
     });
@@ -320,12 +341,15 @@ pub fn start(
     // The fast exec channel (virtio-serial port `berth.exec`); guests with no
     // shell on it never answer, and exec falls back to the serial console.
     let exec = std::os::unix::net::UnixStream::connect(paths.dir.join("exec.sock")).ok();
+    // The QEMU guest agent's port, tried first when an agent answers on it.
+    let qga = std::os::unix::net::UnixStream::connect(paths.dir.join("qga.sock")).ok();
     Ok(Started {
         child,
         qmp,
         accel,
         warnings,
         exec,
+        qga,
     })
 }
 

@@ -23,6 +23,9 @@ pub struct VmFixture {
     pub disk: PathBuf,
     /// The kernel's release, e.g. `6.1.0-56-amd64`.
     pub kernel_version: String,
+    /// The guest runs qemu-ga on its `org.qemu.guest_agent.0` port (the
+    /// host had Debian's qemu-guest-agent when the fixture was built).
+    pub agent: bool,
 }
 
 impl VmFixture {
@@ -76,6 +79,19 @@ fn parse_cpu_mhz_khz(cpuinfo: &str) -> Option<u64> {
     (khz > 0).then_some(khz)
 }
 
+/// Whether the fixture script would put a guest agent in (see its
+/// `QEMU_GA`): `$QEMU_GA`, else qemu-ga in PATH or /usr/sbin.
+fn host_has_qemu_ga() -> bool {
+    match std::env::var_os("QEMU_GA").filter(|v| !v.is_empty()) {
+        Some(v) => v != "none",
+        None => std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .chain([PathBuf::from("/usr/sbin")])
+            .any(|d| d.join("qemu-ga").is_file()),
+    }
+}
+
 fn script() -> PathBuf {
     workspace_root().join("scripts/mk-vm-fixture.sh")
 }
@@ -105,6 +121,11 @@ fn cached(dir: &Path, hash: &str) -> Option<VmFixture> {
     if field("script")? != hash {
         return None;
     }
+    // Built before the host had qemu-ga: build again to include it.
+    let agent = field("qga")? == "yes";
+    if !agent && host_has_qemu_ga() {
+        return None;
+    }
     if let Some(deb) = std::env::var_os("BERTH_FIXTURE_KERNEL_DEB").filter(|d| !d.is_empty()) {
         let name = Path::new(&deb).file_name()?.to_string_lossy().into_owned();
         if field("deb")? != name {
@@ -117,6 +138,7 @@ fn cached(dir: &Path, hash: &str) -> Option<VmFixture> {
         initrd: dir.join("initrd.img"),
         disk: dir.join("disk.img"),
         kernel_version: field("kernel")?,
+        agent,
     };
     [&f.kernel, &f.initrd, &f.disk]
         .iter()
@@ -177,13 +199,14 @@ mod tests {
         }
         std::fs::write(
             d.join("VERSION"),
-            "kernel 6.1.0-9-amd64\ndeb linux-image-6.1.0-9-amd64_1_amd64.deb\nscript abc\n",
+            "kernel 6.1.0-9-amd64\ndeb linux-image-6.1.0-9-amd64_1_amd64.deb\nscript abc\nqga yes\n",
         )
         .unwrap();
         if std::env::var_os("BERTH_FIXTURE_KERNEL_DEB").is_none() {
             let f = cached(d, "abc").unwrap();
             assert_eq!(f.kernel_version, "6.1.0-9-amd64");
             assert_eq!(f.kernel, d.join("vmlinuz"));
+            assert!(f.agent);
         }
         assert!(cached(d, "abd").is_none());
         std::fs::remove_file(d.join("disk.img")).unwrap();

@@ -125,6 +125,11 @@ pub struct VmConfig {
     /// fast channel for `exec`, much faster than the emulated UART.
     #[serde(default)]
     pub exec_socket: Option<PathBuf>,
+    /// A virtio-serial port named `org.qemu.guest_agent.0` (where qemu-ga
+    /// looks by default) on a listening unix socket: the QEMU guest agent's
+    /// channel, for guests that run one.
+    #[serde(default)]
+    pub qga_socket: Option<PathBuf>,
     /// `-runas USER`: QEMU opens its files as root, then drops to USER.
     pub runas: Option<String>,
     /// `-sandbox on,obsolete=deny,spawn=deny` (seccomp). Deliberately not
@@ -260,22 +265,24 @@ pub fn qemu_argv(c: &VmConfig) -> Vec<String> {
         Machine::Microvm => ("virtio-net-device", "virtio-blk-device"),
         Machine::Q35 => ("virtio-net-pci", "virtio-blk-pci"),
     };
-    if let Some(p) = &c.exec_socket {
+    if c.exec_socket.is_some() || c.qga_socket.is_some() {
         let vser = match c.machine {
             Machine::Microvm => "virtio-serial-device,id=vser0",
             Machine::Q35 => "virtio-serial-pci,id=vser0",
         };
-        let chr = format!("socket,id=exec0,path={},server=on,wait=off", esc_path(p));
-        // A plain port, not a virtconsole: QEMU drops console data on EAGAIN
-        // (hw/char/virtio-console.c) but throttles ports properly.
-        push(&[
-            "-device",
-            vser,
-            "-chardev",
-            &chr,
-            "-device",
-            "virtserialport,chardev=exec0,name=berth.exec",
-        ]);
+        push(&["-device", vser]);
+    }
+    // Plain ports, not virtconsoles: QEMU drops console data on EAGAIN
+    // (hw/char/virtio-console.c) but throttles ports properly.
+    for (sock, id, name) in [
+        (&c.exec_socket, "exec0", "berth.exec"),
+        (&c.qga_socket, "qga0", "org.qemu.guest_agent.0"),
+    ] {
+        if let Some(p) = sock {
+            let chr = format!("socket,id={id},path={},server=on,wait=off", esc_path(p));
+            let port = format!("virtserialport,chardev={id},name={name}");
+            push(&["-chardev", &chr, "-device", &port]);
+        }
     }
     if c.tap_fd >= 0 {
         let nd = format!("tap,id=n0,fd={}", c.tap_fd);
@@ -379,6 +386,7 @@ mod tests {
             qmp_socket: "/run/berth/web/qmp.sock".into(),
             serial_socket: Some("/run/berth/web/serial.sock".into()),
             exec_socket: None,
+            qga_socket: None,
             runas: Some("berth-qemu".into()),
             sandbox: true,
         }
@@ -448,6 +456,31 @@ mod tests {
         assert_eq!(one(&a, "-display"), "none");
         assert_eq!(one(&a, "-name"), "web,debug-threads=on");
         assert!(!a.iter().any(|s| s.contains("pflash") || s == "-object"));
+    }
+
+    #[test]
+    fn exec_and_agent_ports_share_one_virtio_serial_bus() {
+        let mut c = microvm();
+        c.tap_fd = -1;
+        c.exec_socket = Some("/run/berth/web/exec.sock".into());
+        c.qga_socket = Some("/run/berth/web/qga.sock".into());
+        let a = qemu_argv(&c);
+        assert_eq!(
+            values(&a, "-device"),
+            [
+                "virtio-serial-device,id=vser0",
+                "virtserialport,chardev=exec0,name=berth.exec",
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"
+            ]
+        );
+        assert!(
+            values(&a, "-chardev")
+                .contains(&"socket,id=qga0,path=/run/berth/web/qga.sock,server=on,wait=off")
+        );
+        // The agent's port alone still gets its bus.
+        c.exec_socket = None;
+        let a = qemu_argv(&c);
+        assert_eq!(values(&a, "-device").len(), 2);
     }
 
     #[test]

@@ -76,6 +76,7 @@ fn config(dir: &Path, name: &str, tap_fd: i32) -> VmConfig {
         qmp_socket: dir.join("qmp.sock"),
         serial_socket: Some(dir.join("serial.sock")),
         exec_socket: None,
+        qga_socket: None,
         // The privilege drop and seccomp berth uses in production.
         runas: user_exists("nobody").then(|| "nobody".to_string()),
         sandbox: true,
