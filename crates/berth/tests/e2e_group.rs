@@ -90,7 +90,11 @@ fn load(b: &Berth, o: u8) -> Load {
 
 /// The first line answered on the VIP from the uplink side, once it answers.
 fn wait_vip(b: &Berth, o: u8, want: &str) -> String {
-    let got = wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+    wait_vip_within(b, o, want, Duration::from_secs(30))
+}
+
+fn wait_vip_within(b: &Berth, o: u8, want: &str, within: Duration) -> String {
+    let got = wait_until(within, Duration::from_millis(50), || {
         berth_testkit::in_netns(b.net.inet_ns(), || {
             berth_testkit::get(vip(o), Duration::from_secs(1)).ok()
         })
@@ -458,4 +462,120 @@ command = ["/bin/sh", "-c", "exec sleep 100000"]
     // Nothing left to do.
     let plan = b.cli_ok(&["plan", v2.to_str().expect("utf8")]);
     assert!(plan.contains("No changes"), "{plan}");
+}
+
+#[test]
+fn group_of_vms_behind_a_vip() {
+    let caps = [CAPS, &[Cap::Qemu]].concat();
+    if !require("group_of_vms_behind_a_vip", &caps) {
+        return;
+    }
+    let fx = berth_testkit::vm_fixture().expect("VM fixture (kernel + initrd)");
+    let tag = unique_tag("gv");
+    let o = 73;
+    let b = Berth::new(&tag);
+    route_vip_from_inet(&b, o);
+    let g = tag.replace('-', "");
+    let (m0, m1) = (format!("{g}-0"), format!("{g}-1"));
+    let vm_group = |rev: u32| {
+        spec(
+            b.net.uplink(),
+            o,
+            &format!(
+                r#"[group.{g}]
+replicas = 2
+index_base = 10
+vip4 = "10.{o}.1.10"
+min_healthy_time = "500ms"
+healthy_deadline = "180s"
+drain_time = "300ms"
+
+[group.{g}.template]
+kind = "vm"
+accel = "tcg"
+kernel = "{}"
+initrd = "{}"
+cmdline = "console=ttyS0 panic=-1 berth.rev={rev}"
+memory = "256M"
+stop_timeout = "2s"
+health = {{ http = "http://{{addr}}:80/", interval = "200ms", timeout = "1s", healthy_after = 2, unhealthy_after = 2 }}
+"#,
+                fx.kernel.display(),
+                fx.initrd.display()
+            ),
+        )
+    };
+    let v1 = b.write("v1.toml", &vm_group(1));
+    let (ok, out) = apply(&b, v1.to_str().expect("utf8"));
+    assert!(ok, "{out}");
+    // The VM members add the VIP to their loopback from berth.vip4= and
+    // answer for it.
+    let first = wait_vip_within(&b, o, "vm-fixture", Duration::from_secs(240));
+    assert!(first.contains(&g), "{first}");
+    let all_healthy = || {
+        wait_until(Duration::from_secs(240), Duration::from_millis(200), || {
+            b.ps()
+                .iter()
+                .all(|x| x.health.as_deref() == Some("healthy"))
+                .then_some(())
+        })
+    };
+    assert!(all_healthy().is_some(), "{:?}", b.ps());
+
+    // Rolling update of the VMs (a kernel command line change restarts
+    // them) under load: no failed request.
+    let v2 = b.write("v2.toml", &vm_group(2));
+    let v2 = v2.to_str().expect("utf8");
+    let plan = b.cli_ok(&["plan", v2]);
+    assert!(
+        plan.contains("rolling update") && plan.contains("stays up"),
+        "{plan}"
+    );
+    let l = load(&b, o);
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, out) = apply(&b, v2);
+    std::thread::sleep(Duration::from_millis(500));
+    let r = l.stop();
+    assert!(ok, "{out}");
+    no_failures("rolling update of VMs", &r);
+    assert!(all_healthy().is_some(), "{:?}", b.ps());
+
+    // kill -9 of the serving member's QEMU: the VIP moves to the other VM.
+    let serving = b
+        .ps()
+        .into_iter()
+        .find(|x| !x.serving.is_empty())
+        .expect("a member carries the VIP");
+    let other = if serving.name == m0 { &m1 } else { &m0 };
+    // A request in flight to the killed VM is lost; a short client timeout
+    // shows when answers resume.
+    let l = Load::start(
+        b.net.inet_ns(),
+        vip(o),
+        Duration::from_millis(500),
+        100_000,
+        Duration::from_secs(60),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    let pid = serving.pid.expect("qemu pid");
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    let moved = wait_until(Duration::from_secs(20), Duration::from_millis(50), || {
+        b.guest(other).serving.first().cloned()
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = l.stop();
+    assert!(
+        moved.is_some(),
+        "VIP did not move to {other}: {}",
+        r.summary()
+    );
+    eprintln!(
+        "VM failover: first answer from {other} {:?} after kill -9 of {}'s QEMU; {}",
+        r.first_after(killed, other),
+        serving.name,
+        r.summary()
+    );
 }

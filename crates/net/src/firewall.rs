@@ -151,8 +151,8 @@ fn guest_sets(guests: &[GuestLink], vips: &[(String, std::net::IpAddr)]) -> Vec<
 /// Connection pinning for service addresses: the first packet of a
 /// connection to a VIP is routed by the main table (to the member the VIP
 /// points at then) and its conntrack entry remembers that member's link as
-/// a mark ([`crate::pin_mark`]); later packets of the connection carry the
-/// mark, and a policy rule per member ([`crate::ensure_pin`]) routes them
+/// a mark ([`crate::pin_mark`]); later packets of the established
+/// connection carry the mark, and a policy rule per member ([`crate::ensure_pin`]) routes them
 /// to the same member. So moving a VIP moves new connections only, and a
 /// request in flight is never cut in half.
 fn vip_pinning(vips: &[(String, std::net::IpAddr)]) -> Vec<Value> {
@@ -205,6 +205,14 @@ fn vip_pinning(vips: &[(String, std::net::IpAddr)]) -> Vec<Value> {
     cmds.push(rule(
         "vip_pin_prerouting",
         vec![
+            // Established only: a SYN (or its retransmission) is routed
+            // afresh, so a connection whose SYN went to a member that died
+            // is not pinned to it.
+            matches(
+                "in",
+                json!({"ct": {"key": "state"}}),
+                json!(["established"]),
+            ),
             matches("==", json!({"ct": {"key": "direction"}}), json!("original")),
             matches(
                 "==",
