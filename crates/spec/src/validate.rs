@@ -241,13 +241,44 @@ pub fn validate(
             cx.guest(name, "name", format!("`{name}` is declared more than once (a `[guest.{name}]` and a group member or companion of the same name?); rename one"));
         }
     }
+    // A mistake in a template is reported once, not once per member.
+    let mut template_errors: std::collections::BTreeSet<(String, String, String)> =
+        Default::default();
     for e in &expanded {
         if e.spec.index.is_none() {
             continue; // reported by expand()
         }
-        if let Some(mut guest) =
-            validate_guest(&mut cx, &e.name, &e.spec, max_guests, host.as_ref(), probe)
-        {
+        let before = cx.errors.len();
+        let validated = validate_guest(&mut cx, &e.name, &e.spec, max_guests, host.as_ref(), probe);
+        if let Some(owner) = e.group.clone().or_else(|| e.companion_of.clone()) {
+            let new: Vec<SpecError> = cx.errors.drain(before..).collect();
+            for err in new {
+                match err {
+                    SpecError::Invalid {
+                        file,
+                        guest: Some(g),
+                        field,
+                        reason,
+                    } => {
+                        if template_errors.insert((owner.clone(), field.clone(), reason.clone())) {
+                            let whose = if e.group.is_some() {
+                                format!("the template of group `{owner}`")
+                            } else {
+                                format!("a companion of `{owner}`")
+                            };
+                            cx.errors.push(SpecError::Invalid {
+                                file,
+                                guest: Some(g),
+                                field,
+                                reason: format!("{reason} (from {whose})"),
+                            });
+                        }
+                    }
+                    other => cx.errors.push(other),
+                }
+            }
+        }
+        if let Some(mut guest) = validated {
             guest.group = e.group.clone();
             guest.companion_of = e.companion_of.clone();
             guest.vip4 = e.vip4;
