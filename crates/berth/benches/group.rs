@@ -230,11 +230,7 @@ fn berth_runs(kind: &str, o: u8, rows: &mut Vec<Row>) {
 
     // 3. Scale 1 -> 4 -> 1 under load (containers only: VMs take minutes).
     if kind == "container" {
-        apply(
-            &b,
-            "one.toml",
-            &group(&b, o, &g, kind, 1, rev),
-        );
+        apply(&b, "one.toml", &group(&b, o, &g, kind, 1, rev));
         all_healthy(&b, 1);
         let l = Loads::start(b.net.inet_ns(), vip);
         std::thread::sleep(Duration::from_millis(300));
@@ -328,7 +324,16 @@ fn keepalived_failover(advert: &str, tag: &str) -> Vec<Duration> {
             ],
         );
         ip(&r, &["link", "set", &host_end, "master", "br0", "up"]);
-        ip(m, &["addr", "add", &format!("10.90.0.{}/24", 11 + i), "dev", &peer]);
+        ip(
+            m,
+            &[
+                "addr",
+                "add",
+                &format!("10.90.0.{}/24", 11 + i),
+                "dev",
+                &peer,
+            ],
+        );
         ip(m, &["link", "set", &peer, "up"]);
         let www = v.dir.path().join(format!("www{i}"));
         std::fs::create_dir_all(&www).expect("www");
@@ -403,7 +408,11 @@ fn keepalived_failover(advert: &str, tag: &str) -> Vec<Duration> {
         let rep = l.stop();
         match rep.first_after(killed, &members[1]) {
             Some(d) => times.push(d),
-            None => eprintln!("keepalived: no answer from {}: {}", members[1], rep.summary()),
+            None => eprintln!(
+                "keepalived: no answer from {}: {}",
+                members[1],
+                rep.summary()
+            ),
         }
         eprintln!(
             "keepalived advert_int {advert}: {:?}; {}",
@@ -414,7 +423,12 @@ fn keepalived_failover(advert: &str, tag: &str) -> Vec<Duration> {
     times
 }
 
-fn respawn(v: &Vrrp, i: usize, m: &str, _advert: &str) -> (std::process::Child, std::process::Child) {
+fn respawn(
+    v: &Vrrp,
+    i: usize,
+    m: &str,
+    _advert: &str,
+) -> (std::process::Child, std::process::Child) {
     let conf = v.dir.path().join(format!("k{i}.conf"));
     let pid = |s: &str| v.dir.path().join(format!("{s}{i}.pid"));
     let _ = std::fs::remove_file(pid("ka"));
@@ -458,10 +472,16 @@ fn main() {
         .is_ok();
     if have_keepalived {
         let tag = format!("{}", std::process::id() % 1000);
-        for (advert, label) in [("1", "default timers (advert_int 1)"), ("0.1", "tuned (advert_int 0.1)")] {
+        for (advert, label) in [
+            ("1", "default timers (advert_int 1)"),
+            ("0.1", "tuned (advert_int 0.1)"),
+        ] {
             let t = keepalived_failover(advert, &tag);
             rows.push(Row {
-                what: format!("failover after kill -9, keepalived {label} ({} runs, median)", t.len()),
+                what: format!(
+                    "failover after kill -9, keepalived {label} ({} runs, median)",
+                    t.len()
+                ),
                 value: "-".into(),
                 baseline: if t.is_empty() {
                     "no answer".into()

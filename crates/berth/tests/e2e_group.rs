@@ -33,6 +33,7 @@ fn group_spec(b: &Berth, o: u8, name: &str, replicas: u32, version: &str, extra:
 replicas = {replicas}
 index_base = 10
 vip4 = "10.{o}.1.10"
+vip6 = "fd42:{o:x}:1::10"
 {mht}
 healthy_deadline = "8s"
 drain_time = "200ms"
@@ -59,6 +60,20 @@ health = {{ http = "http://{{addr}}:80/", expect = 200, interval = "100ms", time
 /// Routes the VIP's /24 from the "internet" side to the host's uplink (in
 /// the test's own namespace).
 fn route_vip_from_inet(b: &Berth, o: u8) {
+    let st = b
+        .net
+        .cmd_in_inet("ip")
+        .args([
+            "-6",
+            "route",
+            "add",
+            &format!("fd42:{o:x}:1::/64"),
+            "via",
+            b.net.host_addr6(),
+        ])
+        .status()
+        .expect("ip -6 route");
+    assert!(st.success());
     let st = b
         .net
         .cmd_in_inet("ip")
@@ -161,7 +176,7 @@ fn group_vip_failover_rolling_update_revert_scale() {
     let ps = b.ps();
     let p0 = ps.iter().find(|x| x.name == active).expect("active member");
     assert_eq!(p0.group.as_deref(), Some(g.as_str()));
-    assert_eq!(p0.serving, vec![format!("10.{o}.1.10")], "{p0:?}");
+    assert!(p0.serving.contains(&format!("10.{o}.1.10")), "{p0:?}");
     assert!(
         wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
             b.ps()
@@ -232,7 +247,7 @@ fn group_vip_failover_rolling_update_revert_scale() {
         "{:?}",
         b.guest(&active)
     );
-    assert_eq!(b.guest(&standby).serving.len(), 1);
+    assert_eq!(b.guest(&standby).serving.len(), 2, "both VIPs stay on it");
 
     // Rolling update under load: zero failed requests.
     let v2 = b.write("v2.toml", &group_spec(&b, o, &g, 2, "v2", ""));
@@ -328,6 +343,90 @@ fn group_vip_failover_rolling_update_revert_scale() {
     let names: Vec<String> = b.ps().into_iter().map(|x| x.name).collect();
     assert_eq!(names, vec![m0.clone()]);
     assert_eq!(wait_vip(&b, o, ""), m0);
+
+    // The IPv6 service address answers too.
+    let v6: SocketAddr = format!("[fd42:{o:x}:1::10]:80").parse().expect("vip6");
+    let got = berth_testkit::in_netns(b.net.inet_ns(), || {
+        berth_testkit::get(v6, Duration::from_secs(2))
+    })
+    .expect("netns");
+    assert!(got.as_deref().is_ok_and(|x| x.ends_with(&m0)), "{got:?}");
+
+    // berth drain withdraws the VIPs from this host; --undo brings them back.
+    let out = b.cli_ok(&["drain"]);
+    assert!(out.contains("host drained"), "{out}");
+    let gone = berth_testkit::in_netns(b.net.inet_ns(), || {
+        berth_testkit::get(vip(o), Duration::from_millis(500))
+    })
+    .expect("netns");
+    assert!(gone.is_err(), "VIP still answers after drain: {gone:?}");
+    assert_eq!(b.guest(&m0).drained.as_deref(), Some("host"));
+    assert_eq!(b.guest(&m0).state, "running", "drain keeps guests running");
+    b.cli_ok(&["drain", "--undo"]);
+    assert_eq!(wait_vip(&b, o, ""), m0);
+}
+
+#[test]
+fn group_ecmp_spreads_over_healthy_members() {
+    if !require("group_ecmp_spreads_over_healthy_members", CAPS) {
+        return;
+    }
+    let tag = unique_tag("ge");
+    let o = 74;
+    let b = Berth::new(&tag);
+    route_vip_from_inet(&b, o);
+    let g = tag.replace('-', "");
+    let (m0, m1) = (format!("{g}-0"), format!("{g}-1"));
+    let file = b.write(
+        "ecmp.toml",
+        &group_spec(&b, o, &g, 2, "v1", "mode = \"ecmp\""),
+    );
+    let (ok, out) = apply(&b, file.to_str().expect("utf8"));
+    assert!(ok, "{out}");
+    assert!(
+        wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
+            (b.ps().iter().filter(|x| !x.serving.is_empty()).count() == 2).then_some(())
+        })
+        .is_some(),
+        "both members carry the VIP: {:?}",
+        b.ps()
+    );
+    // Flows are hashed over both (source ports differ per connection).
+    let l = load(&b, o);
+    std::thread::sleep(Duration::from_secs(2));
+    let r = l.stop();
+    no_failures("ecmp", &r);
+    let by = r.by_body();
+    assert!(
+        by.keys().any(|k| k.ends_with(&m0)) && by.keys().any(|k| k.ends_with(&m1)),
+        "{}",
+        r.summary()
+    );
+    // A member stopped by hand leaves the multipath route first: no
+    // request fails.
+    let l = load(&b, o);
+    std::thread::sleep(Duration::from_millis(300));
+    b.cli_ok(&["stop", &m0]);
+    assert!(
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            (b.guest(&m1).serving.len() == 2 && b.guest(&m0).serving.is_empty()).then_some(())
+        })
+        .is_some(),
+        "{:?}",
+        b.ps()
+    );
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let r = l.stop();
+    no_failures("ecmp while a member is stopped", &r);
+    assert!(
+        r.samples
+            .iter()
+            .filter(|x| x.at > t)
+            .all(|x| x.body.as_ref().is_ok_and(|k| k.ends_with(&m1))),
+        "{}",
+        r.summary()
+    );
 }
 
 /// The page a member serves, fetched from the host namespace.

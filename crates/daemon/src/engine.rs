@@ -341,6 +341,13 @@ impl Engine {
         groups: &[&std::collections::BTreeMap<String, berth_spec::Group>],
     ) -> Result<(), EngineError> {
         berth_net::enable_forwarding().map_err(|e| EngineError::Host(e.to_string()))?;
+        if groups
+            .iter()
+            .flat_map(|m| m.values())
+            .any(|g| g.mode == berth_spec::VipMode::Ecmp)
+        {
+            berth_net::enable_l4_multipath_hash().map_err(|e| EngineError::Host(e.to_string()))?;
+        }
         berth_net::apply_ruleset(&firewall_of(host, groups))
             .map_err(|e| EngineError::Host(e.to_string()))?;
         self.store.add_resource(&Resource {
@@ -503,11 +510,51 @@ impl Engine {
         self.start_shim(&g)
     }
 
-    /// Stops a recorded guest and remembers it should stay stopped.
+    /// Stops a recorded guest and remembers it should stay stopped. A group
+    /// member first leaves its service address and drains.
     pub fn stop(&self, name: &str) -> Result<(), EngineError> {
-        self.record(name)?;
+        let rec = self.record(name)?;
+        let drained = self.drain_member(&rec)?;
         self.store.set_run_state(name, RunState::Stopped)?;
-        self.stop_shim(name)
+        let res = self.stop_shim(name);
+        if drained {
+            self.clear_drain(name)?;
+        }
+        res
+    }
+
+    /// `berth restart`: stop and start; a group member leaves its service
+    /// address first and competes for it again once healthy.
+    pub fn restart(&self, name: &str) -> Result<(), EngineError> {
+        let rec = self.record(name)?;
+        let drained = self.drain_member(&rec)?;
+        let res = self
+            .stop_shim(name)
+            .and_then(|()| self.start(name))
+            .map(|()| self.health.reset(name));
+        if drained {
+            self.clear_drain(name)?;
+        }
+        res
+    }
+
+    /// If `rec` is a running group member: takes it out of the service
+    /// address and waits `drain_time`. True if it did.
+    fn drain_member(&self, rec: &GuestRecord) -> Result<bool, EngineError> {
+        let g = self.applied(rec)?;
+        let Some(group) = g.group.as_deref() else {
+            return Ok(false);
+        };
+        if client::status(&self.paths(&rec.name)).is_none() {
+            return Ok(false);
+        }
+        let drain_ms = self.applied_groups()?.get(group).map_or(0, |g| g.drain_ms);
+        self.set_drain(&rec.name, "stop")?;
+        if let Err(e) = crate::vip::reconcile(self) {
+            tracing::warn!("service addresses: {e}");
+        }
+        std::thread::sleep(Duration::from_millis(drain_ms));
+        Ok(true)
     }
 
     /// Stops and deletes a guest and everything berth made for it.

@@ -165,7 +165,7 @@ async fn restart(
     State(app): State<App>,
     Path(name): Path<String>,
 ) -> Result<Json<GuestInfo>, ApiError> {
-    guest_action(app, name, |e, n| e.stop(n).and_then(|()| e.start(n))).await
+    guest_action(app, name, |e, n| e.restart(n)).await
 }
 
 async fn exec(
@@ -877,7 +877,11 @@ pub(crate) fn run_plan(
     // Members answer from their group's service address: the source
     // filters list it for every index a member (old or new) may have.
     let vip_pairs = crate::engine::vip_pairs(&[&desired.groups, &observed.groups]);
-    let vip_key = serde_json::to_string(&vip_pairs).unwrap_or_default();
+    let ecmp = desired
+        .groups
+        .values()
+        .any(|g| g.mode == berth_spec::VipMode::Ecmp);
+    let vip_key = serde_json::to_string(&(&vip_pairs, ecmp)).unwrap_or_default();
     let vips_changed = engine
         .store
         .kv("firewall/vips")
@@ -920,7 +924,7 @@ pub(crate) fn run_plan(
     // longer needs (a daemon restart in the middle of one).
     for d in engine.drained().unwrap_or_default() {
         let why = engine.drain_reason(&d).ok().flatten();
-        let ours = matches!(why.as_deref(), Some("rollout") | Some("scale"));
+        let ours = matches!(why.as_deref(), Some("rollout" | "scale" | "stop"));
         let still = rolled.contains(&d)
             || plan
                 .actions

@@ -20,8 +20,9 @@ pub use firewall::{
     table_exists,
 };
 pub use link::{
-    CONTAINER_IFNAME, Forwarding, GuestLink, delete_link, enable_forwarding, interface_exists,
-    link_rx_packets, list_links, routes_within, setup_container_link, setup_host_side,
+    CONTAINER_IFNAME, Forwarding, GuestLink, delete_link, enable_forwarding,
+    enable_l4_multipath_hash, interface_exists, link_rx_packets, list_links, routes_within,
+    setup_container_link, setup_host_side,
 };
 pub use vip::{
     PIN_MARK_BASE, PIN_MARK_MASK, RTPROT_BERTH, VipTarget, add_loopback_addrs,

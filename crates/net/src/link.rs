@@ -560,6 +560,16 @@ pub fn enable_forwarding() -> Result<Forwarding, NetError> {
     })
 }
 
+/// Multipath routes hash flows by addresses and ports (layer 4), not by
+/// addresses alone: an ECMP service address then spreads the connections
+/// of one client over its members. Current netns; true if it was already so.
+pub fn enable_l4_multipath_hash() -> Result<bool, NetError> {
+    let a = enable_sysctl("/proc/sys/net/ipv4/fib_multipath_hash_policy")?;
+    // Older kernels have no IPv6 knob; IPv4 is what matters most.
+    let b = enable_sysctl("/proc/sys/net/ipv6/fib_multipath_hash_policy").unwrap_or(true);
+    Ok(a && b)
+}
+
 pub(crate) fn route_table(msg: &RouteMessage) -> u32 {
     msg.attributes
         .iter()

@@ -300,6 +300,11 @@ impl TestNet {
         HOST_ADDR
     }
 
+    /// The uplink's own IPv6 address in the host namespace.
+    pub fn host_addr6(&self) -> &'static str {
+        HOST_ADDR6
+    }
+
     /// The internet side's IPv4 address (HTTP on port 8080).
     pub fn internet_addr(&self) -> &'static str {
         INET_ADDR
