@@ -367,13 +367,12 @@ pub fn openapi() -> serde_json::Value {
             } },
             "/v1/plan": { "post": { "summary": "plan a spec against the current state", "operationId": "plan", "requestBody": body(&spec_req), "responses": { "200": ok(&plan, "the plan"), "400": err("the body is not a spec"), "422": err("the spec is invalid; details lists every error") } } },
             "/v1/apply": { "post": {
-                "summary": "apply a spec; streams progress",
+                "summary": "apply a spec; streams progress (an apply already running, or being resumed after a daemon restart, is waited for: a `wait` step says so)",
                 "operationId": "apply",
                 "requestBody": body(&spec_req),
                 "responses": {
                     "200": { "description": "one ApplyEvent per line; the last is `done`", "content": { "application/x-ndjson": { "schema": event } } },
                     "400": err("the body is not a spec"),
-                    "409": err("another apply is running"),
                     "422": err("the spec is invalid; details lists every error")
                 }
             } }

@@ -678,3 +678,72 @@ health = {{ http = "http://{{addr}}:80/", interval = "200ms", timeout = "1s", he
         r.summary()
     );
 }
+
+#[test]
+fn health_probes_on_a_plain_guest_tcp_and_exec() {
+    if !require("health_probes_on_a_plain_guest_tcp_and_exec", CAPS) {
+        return;
+    }
+    let tag = unique_tag("gh");
+    let b = Berth::new(&tag);
+    let rootfs = busybox_rootfs();
+    let (t, x) = (format!("{tag}-t"), format!("{tag}-x"));
+    let guests = format!(
+        r#"[guest.{t}]
+kind = "container"
+index = 2
+rootfs = "{r}"
+ephemeral = true
+command = ["/bin/sh", "-c", "exec httpd -f -p 80 -h /www"]
+health = {{ tcp = 80, interval = "100ms" }}
+
+[guest.{x}]
+kind = "container"
+index = 3
+rootfs = "{r}"
+ephemeral = true
+command = ["/bin/sh", "-c", "touch /tmp/ok; exec sleep 100000"]
+health = {{ exec = ["test", "-f", "/tmp/ok"], interval = "200ms", timeout = "2s", unhealthy_after = 1 }}
+"#,
+        r = rootfs.display()
+    );
+    let file = b.write("h.toml", &spec(b.net.uplink(), 75, &guests));
+    let (ok, out) = apply(&b, file.to_str().expect("utf8"));
+    assert!(ok, "{out}");
+    let health = |n: &str| b.guest(n).health;
+    let until = |n: &str, want: &str| {
+        wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
+            (health(n).as_deref() == Some(want)).then_some(())
+        })
+        .is_some()
+    };
+    assert!(until(&t, "healthy"), "{:?}", b.guest(&t));
+    assert!(until(&x, "healthy"), "{:?}", b.guest(&x));
+    // The exec probe fails once the file is gone; the event is logged.
+    b.cli_ok(&["exec", &x, "--", "rm", "/tmp/ok"]);
+    assert!(until(&x, "unhealthy"), "{:?}", b.guest(&x));
+    assert!(
+        b.guest(&x)
+            .health_error
+            .is_some_and(|e| e.contains("exec exited 1"))
+    );
+    let events = b.cli_ok(&["logs", "--supervisor", &x]);
+    assert!(events.contains("health healthy -> unhealthy"), "{events}");
+    // A stopped guest is down.
+    b.cli_ok(&["stop", &t]);
+    assert!(until(&t, "down"), "{:?}", b.guest(&t));
+    // Changing the probe is live: nothing restarts.
+    let file = b.write(
+        "h2.toml",
+        &spec(
+            b.net.uplink(),
+            75,
+            &guests.replace("interval = \"100ms\"", "interval = \"300ms\""),
+        ),
+    );
+    let plan = b.cli_ok(&["plan", file.to_str().expect("utf8")]);
+    assert!(
+        plan.contains("health") && plan.contains("applies live"),
+        "{plan}"
+    );
+}

@@ -668,15 +668,28 @@ async fn apply(
     };
     let spec_json = serde_json::to_string(&req.spec).unwrap_or_default();
     let desired = validated(req).await?;
-    let guard = app.apply_lock.clone().try_lock_owned().map_err(|_| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "another apply or destroy is running; try again when it ends",
-        )
-    })?;
     let (tx, rx) = mpsc::channel::<ApplyEvent>(256);
     let engine = app.engine.clone();
+    // Applies run one at a time: a second one waits for the first (or for
+    // the resumption of one a killed daemon left unfinished), and says so.
+    let lock = app.apply_lock.clone();
     tokio::task::spawn_blocking(move || {
+        let guard = match lock.clone().try_lock_owned() {
+            Ok(g) => g,
+            Err(_) => {
+                let t = Instant::now();
+                let _ = tx.blocking_send(step(
+                    None,
+                    "wait",
+                    StepStatus::Started,
+                    "another apply is running (or being resumed after a daemon restart); waiting for it to end".into(),
+                    t,
+                ));
+                let g = lock.blocking_lock_owned();
+                let _ = tx.blocking_send(step(None, "wait", StepStatus::Done, String::new(), t));
+                g
+            }
+        };
         let _guard = guard;
         run_apply(&engine, &desired, &source, &spec_json, &tx);
     });
