@@ -19,6 +19,7 @@
 //! ```
 
 mod error;
+pub mod image;
 mod size;
 mod validate;
 pub mod vm;
@@ -48,6 +49,11 @@ pub struct Spec {
     /// Guests by name (1-32 characters of `a-z`, `0-9`, `-`; not starting with `-`).
     #[serde(default)]
     pub guest: BTreeMap<String, GuestSpec>,
+    /// Images by name: `[image.NAME]` with `url` and `sha256` (or
+    /// `sha256_url`); guests use them as `"image:NAME"` (kernel, initrd,
+    /// cdrom) or `disks = [{ image = "NAME", size = "8G" }]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub image: BTreeMap<String, image::ImageSpec>,
 }
 
 /// The `[host]` table.
@@ -158,6 +164,12 @@ pub struct GuestSpec {
     /// (through exec) and stores its output encrypted to `recipients`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<Backup>,
+    /// VM: a pre-seeded volume attached read-only: `{ kind = "nocloud",
+    /// user_data, meta_data, network_config }` (cloud-init) or `{ kind =
+    /// "files", label, files = { NAME = "text or /path" } }` (e.g. pfSense's
+    /// config.xml on a USB disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<image::SeedSpec>,
 }
 
 /// `backup = { command = [...], restore_command = [...], recipients = ["age1..."] }`
