@@ -637,6 +637,7 @@ async fn apply(
         req.file.clone()
     };
     let spec_json = serde_json::to_string(&req.spec).unwrap_or_default();
+    let allow_disruption = req.allow_disruption;
     let desired = validated(req).await?;
     let guard = app.apply_lock.clone().try_lock_owned().map_err(|_| {
         ApiError::new(
@@ -648,7 +649,14 @@ async fn apply(
     let engine = app.engine.clone();
     tokio::task::spawn_blocking(move || {
         let _guard = guard;
-        run_apply(&engine, &desired, &source, &spec_json, &tx);
+        run_apply(
+            &engine,
+            &desired,
+            &source,
+            &spec_json,
+            allow_disruption,
+            &tx,
+        );
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         let ev = rx.recv().await?;
@@ -671,6 +679,7 @@ fn run_apply(
     desired: &Desired,
     source: &str,
     spec_json: &str,
+    allow_disruption: bool,
     tx: &mpsc::Sender<ApplyEvent>,
 ) {
     let send = |ev: ApplyEvent| {
@@ -712,6 +721,16 @@ fn run_apply(
     {
         return fail(format!("not starting anything: {e}"));
     }
+    // Disks made from images are never deleted without being asked to.
+    if let Err(e) = crate::images::check_disruption(&plan, desired, &observed, allow_disruption) {
+        return fail(e);
+    }
+    // Every image the plan needs is pulled and verified before any guest is
+    // touched; the hold keeps `berth image gc` away until the apply ends.
+    let _images_hold = match crate::images::pull_all(&engine.state_dir, &plan, desired, &send) {
+        Ok(h) => h,
+        Err(e) => return fail(e),
+    };
 
     let (generation, plan_id) = match (
         engine.store.save_spec(source, spec_json),
@@ -764,7 +783,8 @@ fn run_apply(
         let Some(name) = a.guest.as_deref() else {
             continue;
         };
-        match engine.destroy(name, plan_id) {
+        let recreate = berth_plan::deleted_disks(a, desired, &observed);
+        match engine.destroy_keeping_disks(name, plan_id, &recreate) {
             Ok(_) | Err(EngineError::NoSuchGuest(_)) => {}
             Err(e) => errors.push(e.to_string()),
         }

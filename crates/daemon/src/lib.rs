@@ -6,6 +6,7 @@
 
 pub mod engine;
 mod http;
+mod images;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -322,7 +322,9 @@ impl Cache {
     fn format_of(&self, img: &Image, blob: &Path) -> Result<Option<Format>> {
         let mut head = [0u8; 8];
         let mut f = File::open(blob).map_err(|e| ImageError::io("opening", blob, e))?;
-        let n = f.read(&mut head).map_err(|e| ImageError::io("reading", blob, e))?;
+        let n = f
+            .read(&mut head)
+            .map_err(|e| ImageError::io("reading", blob, e))?;
         Ok(decompress::resolve(img.decompress, &head[..n]))
     }
 
@@ -364,7 +366,11 @@ impl Cache {
         let _hold = self.hold()?;
         let sha = match (&img.checksum, refresh) {
             (Checksum::Sha256(h), _) => h.clone(),
-            (Checksum::Url(_), false) if self.known_hash(img).is_some_and(|h| self.blob(&h).is_file()) => {
+            (Checksum::Url(_), false)
+                if self
+                    .known_hash(img)
+                    .is_some_and(|h| self.blob(&h).is_file()) =>
+            {
                 self.known_hash(img).unwrap_or_default()
             }
             (Checksum::Url(u), _) => {
@@ -471,7 +477,8 @@ impl Cache {
         }
         std::fs::set_permissions(&part, std::os::unix::fs::PermissionsExt::from_mode(0o444))
             .map_err(|e| ImageError::io("making read-only", &part, e))?;
-        std::fs::rename(&part, &blob).map_err(|e| ImageError::io("moving into the cache", &blob, e))?;
+        std::fs::rename(&part, &blob)
+            .map_err(|e| ImageError::io("moving into the cache", &blob, e))?;
         fsync_dir(&partial_dir);
         fsync_dir(blob.parent().unwrap_or(Path::new("/")));
         progress(Event::Verified {
@@ -548,7 +555,8 @@ impl Cache {
                         what: format!("decompressing {}", f.as_str()),
                     });
                     self.make(&p, sha, &Self::transform(Some(f), None), |out| {
-                        let input = File::open(&blob).map_err(|e| ImageError::io("opening", &blob, e))?;
+                        let input =
+                            File::open(&blob).map_err(|e| ImageError::io("opening", &blob, e))?;
                         decompress::decompress(f, input, out).map_err(|e| {
                             if e.raw_os_error() == Some(libc::ENOSPC) {
                                 ImageError::io("writing", &p, e)
@@ -592,7 +600,8 @@ impl Cache {
             fill(&mut w)?;
             w.flush().map_err(|e| ImageError::io("writing", &tmp, e))?;
             drop(w);
-            f.sync_all().map_err(|e| ImageError::io("writing", &tmp, e))?;
+            f.sync_all()
+                .map_err(|e| ImageError::io("writing", &tmp, e))?;
             std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o444))
                 .map_err(|e| ImageError::io("making read-only", &tmp, e))?;
             let meta = serde_json::to_vec_pretty(&DerivedMeta {
@@ -601,7 +610,8 @@ impl Cache {
             })
             .unwrap_or_default();
             write_atomic(&dest.with_extension("json"), &meta)?;
-            std::fs::rename(&tmp, dest).map_err(|e| ImageError::io("moving into the cache", dest, e))
+            std::fs::rename(&tmp, dest)
+                .map_err(|e| ImageError::io("moving into the cache", dest, e))
         })();
         if res.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -760,7 +770,9 @@ pub fn hash_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| ImageError::io("reading", path, e))?;
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| ImageError::io("reading", path, e))?;
         if n == 0 {
             break;
         }
@@ -773,7 +785,10 @@ pub fn hash_file(path: &Path) -> Result<String> {
 enum Chunk<'a> {
     /// The real start offset (0 if the server ignored the range) and the
     /// total size, if known.
-    Start { from: u64, total: Option<u64> },
+    Start {
+        from: u64,
+        total: Option<u64>,
+    },
     Data(&'a [u8]),
 }
 
@@ -810,7 +825,9 @@ fn fetch(
         .map_err(sink_err)?;
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = f.read(&mut buf).map_err(|e| ImageError::io("reading", path, e))?;
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| ImageError::io("reading", path, e))?;
             if n == 0 {
                 return Ok(());
             }

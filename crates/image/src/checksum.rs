@@ -149,12 +149,19 @@ mod tests {
         let t = format!("{A}  debian.iso\n{B} *netinst.iso\n");
         assert_eq!(find(&t, "debian.iso"), Ok(A.into()));
         assert_eq!(find(&t, "netinst.iso"), Ok(B.into()));
-        assert!(find(&t, "other.iso").expect_err("absent").contains("debian.iso, netinst.iso"));
+        assert!(
+            find(&t, "other.iso")
+                .expect_err("absent")
+                .contains("debian.iso, netinst.iso")
+        );
     }
 
     #[test]
     fn bsd_formats() {
-        let t = format!("SHA256 (debian.iso) = {A}\nSHA256(net inst.iso)= {}\nMD5 (x) = abc\n", B.to_uppercase());
+        let t = format!(
+            "SHA256 (debian.iso) = {A}\nSHA256(net inst.iso)= {}\nMD5 (x) = abc\n",
+            B.to_uppercase()
+        );
         assert_eq!(find(&t, "debian.iso"), Ok(A.into()));
         assert_eq!(find(&t, "net inst.iso"), Ok(B.into()));
     }

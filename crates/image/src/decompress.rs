@@ -80,7 +80,9 @@ mod tests {
 
     #[test]
     fn every_format_roundtrips() {
-        let plain: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let plain: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&plain).expect("gz");
         roundtrip(Format::Gz, gz.finish().expect("gz"), &plain);
@@ -90,7 +92,11 @@ mod tests {
         let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 1);
         xz.write_all(&plain).expect("xz");
         roundtrip(Format::Xz, xz.finish().expect("xz"), &plain);
-        roundtrip(Format::Zstd, zstd::encode_all(plain.as_slice(), 1).expect("zstd"), &plain);
+        roundtrip(
+            Format::Zstd,
+            zstd::encode_all(plain.as_slice(), 1).expect("zstd"),
+            &plain,
+        );
     }
 
     #[test]

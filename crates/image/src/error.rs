@@ -7,7 +7,9 @@ pub type Result<T, E = ImageError> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     /// The server answered with an error status (404 and the like).
-    #[error("{url}: the server answered {status}; check the URL (is the file still published there?)")]
+    #[error(
+        "{url}: the server answered {status}; check the URL (is the file still published there?)"
+    )]
     HttpStatus { url: String, status: String },
     /// Connection, TLS or protocol failure.
     #[error("{url}: {message}")]
@@ -37,14 +39,18 @@ pub enum ImageError {
         source: std::io::Error,
     },
     /// Decompression failed (corrupt data, or not in the format named).
-    #[error("image `{image}`: cannot decompress as {format}: {message}; check `decompress` (\"auto\" detects gz, bz2, xz and zstd; \"none\" uses the file as it is)")]
+    #[error(
+        "image `{image}`: cannot decompress as {format}: {message}; check `decompress` (\"auto\" detects gz, bz2, xz and zstd; \"none\" uses the file as it is)"
+    )]
     Decompress {
         image: String,
         format: &'static str,
         message: String,
     },
     /// `extract = "iso:PATH"` on something that is not an ISO 9660 image.
-    #[error("image `{image}`: not an ISO 9660 image ({message}); `extract = \"iso:...\"` needs one (after decompression)")]
+    #[error(
+        "image `{image}`: not an ISO 9660 image ({message}); `extract = \"iso:...\"` needs one (after decompression)"
+    )]
     NotIso { image: String, message: String },
     /// The path is not in the ISO.
     #[error("image `{image}`: {path} is not in the ISO{}", listing(.near))]
@@ -73,7 +79,9 @@ pub enum ImageError {
         found: String,
     },
     /// The image is needed but was never pulled.
-    #[error("image `{image}` is not in the cache ({url}); `berth apply` pulls it, or run `berth image pull SPEC {image}`")]
+    #[error(
+        "image `{image}` is not in the cache ({url}); `berth apply` pulls it, or run `berth image pull SPEC {image}`"
+    )]
     NotCached { image: String, url: String },
     /// A seed volume could not be built.
     #[error("seed volume: {0}")]

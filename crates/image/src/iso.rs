@@ -53,7 +53,10 @@ pub fn extract(image: &str, iso: &Path, inner: &str, out: &mut impl Write) -> Re
 
 /// Names in the directory `inner` would be in (for the error message).
 fn siblings<R: std::io::Read + std::io::Seek>(img: &IsoImage<R>, inner: &str) -> Vec<String> {
-    let parent = inner.trim_end_matches('/').rsplit_once('/').map_or("", |(p, _)| p);
+    let parent = inner
+        .trim_end_matches('/')
+        .rsplit_once('/')
+        .map_or("", |(p, _)| p);
     let dir = if parent.trim_matches('/').is_empty() {
         Some(img.open_dir(img.root_dir().dir_ref()))
     } else {

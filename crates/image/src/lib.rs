@@ -5,9 +5,10 @@ pub mod checksum;
 pub mod decompress;
 pub mod disk;
 mod error;
+pub mod inuse;
 pub mod iso;
 pub mod progress;
 pub mod seed;
 
-pub use error::{ImageError, Result};
 pub use cache::{Cache, Event};
+pub use error::{ImageError, Result};

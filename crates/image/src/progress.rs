@@ -37,7 +37,9 @@ impl Reporter {
 
     pub fn event(&mut self, ev: Event) {
         match ev {
-            Event::Checksum { image, url } => self.line(format!("image {image}: checksum file {url}")),
+            Event::Checksum { image, url } => {
+                self.line(format!("image {image}: checksum file {url}"))
+            }
             Event::Cached { image, sha256 } => {
                 self.line(format!("image {image}: cached (sha256 {sha256})"))
             }

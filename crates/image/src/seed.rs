@@ -52,7 +52,8 @@ pub fn build(seed: &Seed, dest: &Path) -> Result<()> {
         )?;
         f.seek(SeekFrom::Start(0))?;
         {
-            let fs = fatfs::FileSystem::new(fscommon::BufStream::new(&mut f), fatfs::FsOptions::new())?;
+            let fs =
+                fatfs::FileSystem::new(fscommon::BufStream::new(&mut f), fatfs::FsOptions::new())?;
             for (name, bytes) in &files {
                 let root = fs.root_dir();
                 let mut parts: Vec<&str> = name.split('/').collect();
@@ -76,7 +77,10 @@ pub fn build(seed: &Seed, dest: &Path) -> Result<()> {
     })();
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
-        return Err(ImageError::Seed(format!("building {}: {e}", dest.display())));
+        return Err(ImageError::Seed(format!(
+            "building {}: {e}",
+            dest.display()
+        )));
     }
     Ok(())
 }

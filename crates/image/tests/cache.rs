@@ -80,12 +80,14 @@ impl Server {
                 range = v.trim().trim_end_matches('-').parse::<usize>().ok();
             }
         }
-        self.requests
-            .lock()
-            .expect("lock")
-            .push(format!("{path} {}", range.map_or("full".into(), |r| format!("from={r}"))));
+        self.requests.lock().expect("lock").push(format!(
+            "{path} {}",
+            range.map_or("full".into(), |r| format!("from={r}"))
+        ));
         let Some((_, body)) = conf.files.iter().find(|(p, _)| *p == path) else {
-            let _ = c.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = c.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
             return;
         };
         let from = range.unwrap_or(0).min(body.len());
@@ -98,7 +100,10 @@ impl Server {
                 body.len()
             )
         } else {
-            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", part.len())
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                part.len()
+            )
         };
         let _ = c.write_all(head.as_bytes());
         let drop_now = self
@@ -122,7 +127,10 @@ impl Server {
 }
 
 fn sha(b: &[u8]) -> String {
-    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 fn payload(n: usize) -> Vec<u8> {
@@ -182,7 +190,11 @@ fn wrong_hash_names_both_and_leaves_nothing() {
     let cache = Cache::new(state.path());
     let wrong = "0".repeat(64);
     let e = cache
-        .pull(&image("x", srv.url("/x.img"), Checksum::Sha256(wrong.clone())), false, &mut quiet())
+        .pull(
+            &image("x", srv.url("/x.img"), Checksum::Sha256(wrong.clone())),
+            false,
+            &mut quiet(),
+        )
         .expect_err("must fail");
     let msg = e.to_string();
     assert!(matches!(e, ImageError::Mismatch { .. }), "{msg}");
@@ -246,7 +258,11 @@ fn sha256_url_gnu_file_and_404() {
     );
     let state = tempfile::tempdir().expect("tmp");
     let cache = Cache::new(state.path());
-    let img = image("s", srv.url("/s.img"), Checksum::Url(srv.url("/SHA256SUMS")));
+    let img = image(
+        "s",
+        srv.url("/s.img"),
+        Checksum::Url(srv.url("/SHA256SUMS")),
+    );
     cache.pull(&img, true, &mut quiet()).expect("pull");
     // An apply reuses the hash found: no request at all.
     let before = srv.requests.lock().expect("lock").len();
@@ -255,11 +271,23 @@ fn sha256_url_gnu_file_and_404() {
     assert!(cache.resolve(&img).is_ok());
 
     let e = cache
-        .pull(&image("n", srv.url("/nope.img"), Checksum::Sha256("2".repeat(64))), false, &mut quiet())
+        .pull(
+            &image("n", srv.url("/nope.img"), Checksum::Sha256("2".repeat(64))),
+            false,
+            &mut quiet(),
+        )
         .expect_err("404");
     assert!(e.to_string().contains("404"), "{e}");
     let e = cache
-        .pull(&image("m", srv.url("/missing.img"), Checksum::Url(srv.url("/SHA256SUMS"))), true, &mut quiet())
+        .pull(
+            &image(
+                "m",
+                srv.url("/missing.img"),
+                Checksum::Url(srv.url("/SHA256SUMS")),
+            ),
+            true,
+            &mut quiet(),
+        )
         .expect_err("not listed");
     assert!(e.to_string().contains("other.img, s.img"), "{e}");
 }
@@ -272,7 +300,11 @@ fn unreachable_server_and_tls_errors_are_clear() {
     let srv = Server::start(vec![("/t.img", vec![1, 2, 3])], 0, Duration::ZERO);
     let e = cache
         .pull(
-            &image("t", format!("https://127.0.0.1:{}/t.img", srv.port), Checksum::Sha256("a".repeat(64))),
+            &image(
+                "t",
+                format!("https://127.0.0.1:{}/t.img", srv.port),
+                Checksum::Sha256("a".repeat(64)),
+            ),
             false,
             &mut quiet(),
         )
@@ -292,7 +324,11 @@ fn file_url_gz_decompressed_and_gc() {
     let src = d.path().join("disk.img.gz");
     std::fs::write(&src, &gz).expect("write");
     let cache = Cache::new(&d.path().join("state"));
-    let img = image("d", format!("file://{}", src.display()), Checksum::Sha256(sha(&gz)));
+    let img = image(
+        "d",
+        format!("file://{}", src.display()),
+        Checksum::Sha256(sha(&gz)),
+    );
     let art = cache.pull(&img, false, &mut quiet()).expect("pull");
     assert_ne!(art, cache.blob(&sha(&gz)));
     assert_eq!(std::fs::read(&art).expect("read"), plain);
@@ -326,7 +362,16 @@ fn iso_extraction_from_an_iso_the_test_makes() {
     std::fs::write(tree.join("boot/grub/A-Long-Mixed-Case.name.cfg"), b"menu").expect("write");
     let iso = d.path().join("inst.iso");
     let made = std::process::Command::new("xorriso")
-        .args(["-as", "mkisofs", "-quiet", "-R", "-J", "-V", "BERTHTEST", "-o"])
+        .args([
+            "-as",
+            "mkisofs",
+            "-quiet",
+            "-R",
+            "-J",
+            "-V",
+            "BERTHTEST",
+            "-o",
+        ])
         .arg(&iso)
         .arg(&tree)
         .status();
@@ -334,7 +379,9 @@ fn iso_extraction_from_an_iso_the_test_makes() {
         Ok(s) if s.success() => {}
         other => {
             if std::env::var("BERTH_E2E_REQUIRED").is_ok_and(|v| v == "1") {
-                panic!("xorriso is needed to make the test ISO: {other:?} (apt-get install xorriso)");
+                panic!(
+                    "xorriso is needed to make the test ISO: {other:?} (apt-get install xorriso)"
+                );
             }
             eprintln!("skip iso_extraction: no xorriso ({other:?})");
             return;
@@ -345,13 +392,21 @@ fn iso_extraction_from_an_iso_the_test_makes() {
     assert_eq!(n as usize, kernel.len());
     assert_eq!(out, kernel);
     let mut out = Vec::new();
-    berth_image::iso::extract("inst", &iso, "/boot/grub/A-Long-Mixed-Case.name.cfg", &mut out)
-        .expect("rock ridge name");
+    berth_image::iso::extract(
+        "inst",
+        &iso,
+        "/boot/grub/A-Long-Mixed-Case.name.cfg",
+        &mut out,
+    )
+    .expect("rock ridge name");
     assert_eq!(out, b"menu");
     let e = berth_image::iso::extract("inst", &iso, "/boot/initrd.gz", &mut Vec::new())
         .expect_err("absent");
     let msg = e.to_string();
-    assert!(msg.contains("/boot/initrd.gz is not in the ISO") && msg.contains("vmlinuz"), "{msg}");
+    assert!(
+        msg.contains("/boot/initrd.gz is not in the ISO") && msg.contains("vmlinuz"),
+        "{msg}"
+    );
     let e = berth_image::iso::extract("inst", &tree.join("boot/vmlinuz"), "/x", &mut Vec::new())
         .expect_err("not an iso");
     assert!(e.to_string().contains("not an ISO 9660 image"), "{e}");

@@ -247,7 +247,9 @@ fn check_url(u: &str) -> Result<(), String> {
     let rest = u
         .strip_prefix("https://")
         .or_else(|| u.strip_prefix("http://"))
-        .ok_or_else(|| format!("\"{u}\" is not a URL berth can fetch; use https://, http:// or file:///"))?;
+        .ok_or_else(|| {
+            format!("\"{u}\" is not a URL berth can fetch; use https://, http:// or file:///")
+        })?;
     let host = rest.split(['/', '?', '#']).next().unwrap_or("");
     if host.is_empty() {
         return Err(format!("\"{u}\" has no host"));
@@ -296,18 +298,23 @@ pub fn validate_images(
         let extract_iso = match &s.extract {
             None => None,
             Some(x) => match x.strip_prefix("iso:") {
-                Some(p) if !p.trim_matches('/').is_empty()
-                    && !p.split('/').any(|c| c == "..")
-                    && !p.contains('\0') =>
+                Some(p)
+                    if !p.trim_matches('/').is_empty()
+                        && !p.split('/').any(|c| c == "..")
+                        && !p.contains('\0') =>
                 {
                     Some(format!("/{}", p.trim_start_matches('/')))
                 }
                 Some(_) => {
-                    err(format!("extract \"{x}\": give the path of a file inside the ISO, e.g. \"iso:/boot/vmlinuz\" (no `..`)"));
+                    err(format!(
+                        "extract \"{x}\": give the path of a file inside the ISO, e.g. \"iso:/boot/vmlinuz\" (no `..`)"
+                    ));
                     None
                 }
                 None => {
-                    err(format!("extract \"{x}\" is not understood; berth can take one file out of an ISO 9660 image: \"iso:/path/inside\""));
+                    err(format!(
+                        "extract \"{x}\" is not understood; berth can take one file out of an ISO 9660 image: \"iso:/path/inside\""
+                    ));
                     None
                 }
             },
@@ -424,7 +431,12 @@ pub fn validate_seed(
 mod tests {
     use super::*;
 
-    fn spec(url: &str, sha: Option<&str>, sha_url: Option<&str>, extract: Option<&str>) -> ImageSpec {
+    fn spec(
+        url: &str,
+        sha: Option<&str>,
+        sha_url: Option<&str>,
+        extract: Option<&str>,
+    ) -> ImageSpec {
         ImageSpec {
             url: url.into(),
             sha256: sha.map(Into::into),
@@ -438,11 +450,31 @@ mod tests {
     fn images_validate_and_report() {
         let h = "A".repeat(64);
         let mut m = BTreeMap::new();
-        m.insert("ok".to_string(), spec("https://x.org/a.iso", Some(&h), None, Some("iso:boot/vmlinuz")));
-        m.insert("nohash".to_string(), spec("https://x.org/a.iso", None, None, None));
-        m.insert("badurl".to_string(), spec("ftp://x.org/a", Some(&h), None, None));
-        m.insert("badx".to_string(), spec("file:///a", Some(&h), None, Some("tar:/x")));
-        m.insert("short".to_string(), spec("file:///a", Some("abc"), None, None));
+        m.insert(
+            "ok".to_string(),
+            spec(
+                "https://x.org/a.iso",
+                Some(&h),
+                None,
+                Some("iso:boot/vmlinuz"),
+            ),
+        );
+        m.insert(
+            "nohash".to_string(),
+            spec("https://x.org/a.iso", None, None, None),
+        );
+        m.insert(
+            "badurl".to_string(),
+            spec("ftp://x.org/a", Some(&h), None, None),
+        );
+        m.insert(
+            "badx".to_string(),
+            spec("file:///a", Some(&h), None, Some("tar:/x")),
+        );
+        m.insert(
+            "short".to_string(),
+            spec("file:///a", Some("abc"), None, None),
+        );
         let (ok, errs) = validate_images(&m);
         assert_eq!(ok.len(), 1);
         let img = &ok["ok"];
@@ -455,9 +487,18 @@ mod tests {
 
     #[test]
     fn seed_content_path_or_inline() {
-        assert_eq!(SeedContent::of("/etc/x.xml"), SeedContent::Path("/etc/x.xml".into()));
-        assert!(matches!(SeedContent::of("#cloud-config\n"), SeedContent::Inline(_)));
-        assert!(matches!(SeedContent::of("/not a path"), SeedContent::Inline(_)));
+        assert_eq!(
+            SeedContent::of("/etc/x.xml"),
+            SeedContent::Path("/etc/x.xml".into())
+        );
+        assert!(matches!(
+            SeedContent::of("#cloud-config\n"),
+            SeedContent::Inline(_)
+        ));
+        assert!(matches!(
+            SeedContent::of("/not a path"),
+            SeedContent::Inline(_)
+        ));
     }
 
     #[test]
@@ -475,7 +516,10 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(s.label, "CIDATA");
-        assert_eq!(s.files.keys().collect::<Vec<_>>(), ["meta-data", "user-data"]);
+        assert_eq!(
+            s.files.keys().collect::<Vec<_>>(),
+            ["meta-data", "user-data"]
+        );
         let bad = validate_seed(
             "r1",
             &SeedSpec::Files {

@@ -812,7 +812,10 @@ fn validate_vm(
             );
         }
     };
-    let file_field = |cx: &mut Ctx<'_>, use_image: &mut dyn FnMut(&mut Ctx<'_>, &str, &str), field: &str, p: &Path| {
+    let file_field = |cx: &mut Ctx<'_>,
+                      use_image: &mut dyn FnMut(&mut Ctx<'_>, &str, &str),
+                      field: &str,
+                      p: &Path| {
         if let Some(image) = crate::image::image_ref(p) {
             use_image(cx, field, image);
         } else if !p.is_absolute() {
