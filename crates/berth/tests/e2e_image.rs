@@ -275,6 +275,19 @@ fn vms_boot_from_pulled_images_with_seeds() {
             == 0
     );
 
+    // A disk smaller than its image: refused before anything is touched.
+    let small = format!(
+        "{}[guest.{tag}-c]\nkind = \"vm\"\nindex = 12\naccel = \"tcg\"\nkernel = \"image:kernel\"\ndisks = [{{ image = \"root\", size = \"8M\" }}]\n",
+        guests("root")
+    );
+    let file3 = b.write("small.toml", &spec(b.net.uplink(), 81, &small));
+    let out = b.cli(&["apply", "--yes", file3.to_str().expect("utf8")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("smaller than the image"), "{err}");
+    assert!(!b.state.join(format!("disks/{tag}-c")).exists());
+    assert_eq!(b.ps().len(), 2);
+
     // Destroy removes the guests and their disks; gc then empties the cache.
     b.cli_ok(&["destroy", "--all", "--yes"]);
     assert!(!disk_a.exists() && !disk_b.exists());

@@ -129,6 +129,37 @@ pub fn pull_all(
             }
         }
     }
+    // Disks that would be smaller than their image: say so now, before any
+    // guest is touched (the supervisor would refuse later, half-way).
+    for a in plan
+        .actions
+        .iter()
+        .filter(|a| a.kind != ActionKind::Destroy)
+    {
+        let Some(g) = a.guest.as_deref().and_then(|n| desired.guests.get(n)) else {
+            continue;
+        };
+        let Some(vm) = &g.vm else { continue };
+        for (k, d) in vm.disks.iter().enumerate() {
+            let (Some(name), Some(size)) = (&d.image, d.size) else {
+                continue;
+            };
+            let Some(img) = vm.images.get(name) else {
+                continue;
+            };
+            let Ok(artifact) = cache.resolve(img) else {
+                continue;
+            };
+            if let Ok((_, image_size, _)) = berth_image::disk::image_info(&artifact)
+                && size < image_size
+            {
+                return Err(format!(
+                    "not touching any guest: guest `{}`: disk {k} from image `{name}` would be {size} bytes, smaller than the image ({image_size} bytes); give it a `size` of at least that",
+                    g.name
+                ));
+            }
+        }
+    }
     Ok(Some(hold))
 }
 

@@ -47,7 +47,7 @@ pub fn build(seed: &Seed, dest: &Path) -> Result<()> {
             .open(&tmp)?;
         f.set_len(size)?;
         fatfs::format_volume(
-            &mut fscommon::BufStream::new(&mut f),
+            fscommon::BufStream::new(&mut f),
             fatfs::FormatVolumeOptions::new().volume_label(label),
         )?;
         f.seek(SeekFrom::Start(0))?;
