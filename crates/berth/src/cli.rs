@@ -445,7 +445,16 @@ fn run_apply(
                     let who = guest.unwrap_or_else(|| "host".into());
                     let secs = elapsed_ms as f64 / 1000.0;
                     match status {
+                        // Image pulls say what they fetch and how far they are.
+                        StepStatus::Started
+                            if step.starts_with("image ") && !message.is_empty() =>
+                        {
+                            println!("{who:>12}: {step}: {message}")
+                        }
                         StepStatus::Started => println!("{who:>12}: {step}…"),
+                        StepStatus::Done if step.starts_with("image ") && !message.is_empty() => {
+                            println!("{who:>12}: {step} done ({secs:.2}s): {message}")
+                        }
                         StepStatus::Done => println!("{who:>12}: {step} done ({secs:.2}s)"),
                         StepStatus::Failed => {
                             println!("{who:>12}: {step} FAILED ({secs:.2}s): {message}")

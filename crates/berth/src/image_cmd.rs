@@ -30,6 +30,7 @@ pub enum ImageCmd {
     /// images of the spec FILEs given (e.g. one you pulled but have not
     /// applied yet). Waits for pulls and applies in progress.
     Gc {
+        /// Spec files whose images are kept too.
         files: Vec<PathBuf>,
         /// Only print what would be removed.
         #[arg(long)]
