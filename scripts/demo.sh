@@ -55,7 +55,7 @@ if [ "${SKIP_INSTALL:-0}" != 1 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
             systemd-container nftables iproute2 busybox-static curl ca-certificates gcc libc6-dev \
-            qemu-system-x86 qemu-utils cpio e2fsprogs file >/dev/null
+            qemu-system-x86 qemu-utils cpio e2fsprogs file gzip >/dev/null
     elif [ -e /etc/NIXOS ]; then
         for t in systemd-nspawn nft ip curl busybox qemu-system-x86_64; do
             command -v $t >/dev/null 2>&1 || die "$t missing: run inside \`nix-shell -p nftables iproute2 busybox curl\` (systemd-nspawn comes with systemd)"
@@ -111,10 +111,19 @@ until [ -S "$BERTH_SOCKET" ]; do
     sleep 0.1
 done
 
+say "serving vm2's root disk image on 127.0.0.1:8099 inside $host_ns (no internet needed)"
+mkdir -p "$dir/www"
+gzip -1 -c "$dir/vm/disk.img" >"$dir/www/root.img.gz"
+(cd "$dir/www" && sha256sum root.img.gz >SHA256SUMS)
+cat "$dir/www/SHA256SUMS"
+in_host busybox httpd -p 127.0.0.1:8099 -h "$dir/www"
+
 say "berth validate"; in_host "$berth" validate "$dir/demo.toml"
 say "berth plan";     in_host "$berth" plan "$dir/demo.toml"
-say "berth apply";    in_host "$berth" apply --yes "$dir/demo.toml"
+say "berth apply (pulls and verifies vm2's image first)"
+in_host "$berth" apply --yes "$dir/demo.toml"
 say "berth ps";       in_host "$berth" ps
+say "berth image ls"; in_host "$berth" image ls
 
 say "asking the guests over HTTP, from the host"
 in_host curl -sS --max-time 5 http://10.0.0.2/
@@ -126,6 +135,14 @@ until in_host curl -sS --max-time 2 http://10.0.0.4/ 2>/dev/null; do
     sleep 1
 done
 
+echo "waiting for vm2 (booted from a qcow2 overlay of the pulled image) to print its seed…"
+i=0
+until grep -q "hello from vm2" "$BERTH_STATE_DIR/guests/vm2/console.log" 2>/dev/null; do
+    i=$((i + 1)); [ $i -lt 120 ] || die "vm2 did not boot; see $BERTH_STATE_DIR/guests/vm2/console.log"
+    sleep 1
+done
+grep -E "berth-fixture: (disk root|seed)|hello from vm2" "$BERTH_STATE_DIR/guests/vm2/console.log"
+
 cat <<EOF2
 
 The demo is running. Explore it from the demo's host namespace:
@@ -135,6 +152,8 @@ The demo is running. Explore it from the demo's host namespace:
   sudo -E nsenter --net=/run/netns/$host_ns curl http://10.0.0.2/
   # change memory of "web" in $dir/demo.toml, then:
   sudo -E nsenter --net=/run/netns/$host_ns $berth plan $dir/demo.toml
+  sudo -E nsenter --net=/run/netns/$host_ns $berth image ls     # the verified image cache
+  sudo -E nsenter --net=/run/netns/$host_ns $berth logs vm2     # vm2's console: disk root, seed
 
 Remove everything with: sudo $0 --clean
 EOF2

@@ -38,6 +38,10 @@
 #                                        runs on the virtio-serial port
 #                                        org.qemu.guest_agent.0, if present)
 #   berth.noexecport                     no shell on the berth.exec port
+#   berth.showseed=LABEL:FILE            (tests) mount the disk labelled LABEL
+#                                        (vfat or iso9660) read-only and print
+#                                        FILE between "berth-fixture: seed
+#                                        LABEL/FILE begin" and "... end"
 # It prints "berth-fixture: booted", then "berth-fixture: disk root" when it
 # runs from the disk, and "berth-fixture: ready" once httpd serves
 # /www/index.html ("berth-vm-fixture <hostname>") on port 80; then it keeps a
@@ -239,7 +243,8 @@ fi
 # module that needs them). Built-in or absent ones are skipped.
 wanted="virtio_ring virtio virtio_mmio failover net_failover virtio_net virtio_blk
 virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-crc16 mbcache jbd2 crc32c_generic ext4 evdev button virtio_console"
+crc16 mbcache jbd2 crc32c_generic ext4 evdev button virtio_console
+fat vfat nls_cp437 nls_utf8 nls_ascii isofs"
 order=
 builtin_list=$moddir/modules.builtin
 
@@ -311,7 +316,7 @@ export PATH
 exec </dev/console >/dev/console 2>&1
 say() { echo "berth-fixture: $*"; }
 set -f
-ipconf= ip6= gw6= vip4= rootdev= rootfstype= rootflags=rw fetch= noqga= noexecport=
+ipconf= ip6= gw6= vip4= rootdev= rootfstype= rootflags=rw fetch= noqga= noexecport= showseed=
 for a in $(cat /proc/cmdline); do
     case $a in
         berth.noqga) noqga=1 ;;
@@ -322,6 +327,7 @@ for a in $(cat /proc/cmdline); do
         berth.vip4=*) vip4="$vip4 $(echo "${a#*=}" | tr , ' ')" ;;
         berth.root=*) rootdev=${a#*=} ;;
         berth.fetch=*) fetch=${a#*=} ;;
+        berth.showseed=*) showseed="$showseed ${a#*=}" ;;
         berth.rootfstype=*) rootfstype=${a#*=} ;;
         ro) rootflags=ro ;;
     esac
@@ -363,6 +369,31 @@ if [ -e /berth-disk-root ]; then
 fi
 mount -t tmpfs -o mode=0755 tmpfs /run
 say booted
+
+# berth.showseed=LABEL:FILE (tests): print FILE from the disk labelled LABEL.
+for s in $showseed; do
+    label=${s%%:*} file=${s#*:}
+    dev= i=0
+    while [ -z "$dev" ] && [ $i -lt 50 ]; do
+        dev=$(findfs "LABEL=$label" 2>/dev/null)
+        [ -n "$dev" ] || sleep 0.1
+        i=$((i + 1))
+    done
+    if [ -z "$dev" ]; then
+        say "seed $label: no disk with that label"
+        continue
+    fi
+    mkdir -p "/run/seed-$label"
+    if mount -o ro "$dev" "/run/seed-$label"; then
+        say "seed $label/$file begin"
+        cat "/run/seed-$label/$file"
+        echo
+        say "seed $label/$file end"
+        umount "/run/seed-$label"
+    else
+        say "seed $label: cannot mount $dev"
+    fi
+done
 
 hostname=berth-vm
 ip link set lo up

@@ -105,6 +105,11 @@ pub struct SpecRequest {
     /// Where it came from, for messages (`examples/demo.toml`).
     #[serde(default)]
     pub file: String,
+    /// Apply even if that deletes disks berth made from images (a guest
+    /// removed from the spec, or a disk whose image changed). Default false:
+    /// such an apply is refused before anything is touched.
+    #[serde(default)]
+    pub allow_disruption: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]

@@ -32,7 +32,8 @@ struct Cli {
     /// Daemon socket.
     #[arg(long, global = true, env = "BERTH_SOCKET", default_value = berth_api::DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// State directory (store, guest files). Used by `daemon` and `shim`.
+    /// State directory (store, guest files, image cache). Used by `daemon`,
+    /// `shim` and `image`.
     #[arg(long, global = true, env = "BERTH_STATE_DIR", default_value = berth_api::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     #[command(subcommand)]
@@ -65,7 +66,16 @@ enum Cmd {
         /// Print progress events as JSON lines.
         #[arg(long)]
         json: bool,
+        /// Go on even if that deletes disks berth made from images (a VM
+        /// removed from the spec, or a disk whose image changed). Without
+        /// it such an apply is refused before anything is touched.
+        #[arg(long)]
+        allow_disruption: bool,
     },
+    /// Images: the verified, content-addressed cache under the state dir
+    /// (`[image.NAME]` in a spec; no daemon needed).
+    #[command(subcommand)]
+    Image(crate::image_cmd::ImageCmd),
     /// List guests with their state, leader PID, health and addresses.
     ///
     /// HEALTH is what the spec's `health` probe says (healthy, unhealthy,
@@ -204,7 +214,13 @@ pub fn run() -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Validate { file, json } => validate(&file, json),
         Cmd::Plan { file, json } => plan(&client, &file, json),
-        Cmd::Apply { file, yes, json } => apply(&client, &file, yes, json),
+        Cmd::Apply {
+            file,
+            yes,
+            json,
+            allow_disruption,
+        } => apply(&client, &file, yes, json, allow_disruption),
+        Cmd::Image(cmd) => crate::image_cmd::run(&cli.state_dir, cmd),
         Cmd::Ps { json } => ps(&client, json),
         Cmd::Drain { undo, json } => {
             let body = serde_json::json!({ "drain": !undo });
@@ -381,16 +397,24 @@ fn confirm(question: &str, yes: bool) -> Result<bool> {
     Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
 }
 
-fn apply(client: &Client, file: &Path, yes: bool, json: bool) -> Result<ExitCode> {
+fn apply(
+    client: &Client,
+    file: &Path,
+    yes: bool,
+    json: bool,
+    allow_disruption: bool,
+) -> Result<ExitCode> {
     if yes {
         // Nothing to confirm: one request, which streams the plan first.
         let (spec, _) = match load(file)? {
             Ok(x) => x,
             Err(errors) => return report_invalid(file, &errors),
         };
-        return run_apply(client, &request_body(file, &spec), json, true);
+        let mut body = request_body(file, &spec);
+        body["allow_disruption"] = allow_disruption.into();
+        return run_apply(client, &body, json, true);
     }
-    let (body, p) = match fetch_plan(client, file)? {
+    let (mut body, p) = match fetch_plan(client, file)? {
         Ok(x) => x,
         Err(code) => return Ok(code),
     };
@@ -424,6 +448,7 @@ fn apply(client: &Client, file: &Path, yes: bool, json: bool) -> Result<ExitCode
         eprintln!("nothing applied");
         return Ok(ExitCode::FAILURE);
     }
+    body["allow_disruption"] = allow_disruption.into();
     run_apply(client, &body, json, false)
 }
 
@@ -461,7 +486,16 @@ fn run_apply(
                     let who = guest.unwrap_or_else(|| "host".into());
                     let secs = elapsed_ms as f64 / 1000.0;
                     match status {
+                        // Image pulls say what they fetch and how far they are.
+                        StepStatus::Started
+                            if step.starts_with("image ") && !message.is_empty() =>
+                        {
+                            println!("{who:>12}: {step}: {message}")
+                        }
                         StepStatus::Started => println!("{who:>12}: {step}…"),
+                        StepStatus::Done if step.starts_with("image ") && !message.is_empty() => {
+                            println!("{who:>12}: {step} done ({secs:.2}s): {message}")
+                        }
                         StepStatus::Done => println!("{who:>12}: {step} done ({secs:.2}s)"),
                         StepStatus::Failed => {
                             println!("{who:>12}: {step} FAILED ({secs:.2}s): {message}")

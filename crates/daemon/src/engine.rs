@@ -34,7 +34,7 @@ pub enum EngineError {
 }
 
 impl EngineError {
-    fn guest(guest: &str, message: impl Into<String>) -> EngineError {
+    pub(crate) fn guest(guest: &str, message: impl Into<String>) -> EngineError {
         EngineError::Guest {
             guest: guest.to_owned(),
             message: message.into(),
@@ -557,13 +557,38 @@ impl Engine {
         Ok(true)
     }
 
-    /// Stops and deletes a guest and everything berth made for it.
+    /// Stops and deletes a guest and everything berth made for it,
+    /// including the disks it made from images.
     pub fn destroy(&self, name: &str, plan_id: i64) -> Result<Vec<String>, EngineError> {
+        let mut removed = self.destroy_keeping_disks(name, plan_id, &[])?;
+        removed.extend(crate::images::remove_managed_disks(
+            &self.state_dir,
+            name,
+            None,
+        )?);
+        Ok(removed)
+    }
+
+    /// [`Engine::destroy`] for the first half of a replace: the disks made
+    /// from images stay (the new guest uses them), except `recreate`.
+    pub fn destroy_keeping_disks(
+        &self,
+        name: &str,
+        plan_id: i64,
+        recreate: &[String],
+    ) -> Result<Vec<String>, EngineError> {
         let rec = self.record(name)?;
         let g = self.applied(&rec)?;
         self.step(plan_id, name, "destroy", StepStatus::Started, "")?;
         self.store.set_phase(name, Phase::Removing)?;
-        let removed = self.remove(name, &g)?;
+        let mut removed = self.remove(name, &g)?;
+        if !recreate.is_empty() {
+            removed.extend(crate::images::remove_managed_disks(
+                &self.state_dir,
+                name,
+                Some(recreate),
+            )?);
+        }
         self.step(plan_id, name, "destroy", StepStatus::Done, "")?;
         Ok(removed)
     }
@@ -1354,6 +1379,7 @@ impl Engine {
         for d in [
             berth_shim::paths::lib_dir(&self.state_dir),
             self.state_dir.join("guests"),
+            self.state_dir.join("disks"),
         ] {
             if d.exists() && std::fs::remove_dir_all(&d).is_ok() {
                 removed.push(format!("dir {}", d.display()));

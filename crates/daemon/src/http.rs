@@ -667,6 +667,7 @@ async fn apply(
         req.file.clone()
     };
     let spec_json = serde_json::to_string(&req.spec).unwrap_or_default();
+    let allow_disruption = req.allow_disruption;
     let desired = validated(req).await?;
     let (tx, rx) = mpsc::channel::<ApplyEvent>(256);
     let engine = app.engine.clone();
@@ -691,7 +692,14 @@ async fn apply(
             }
         };
         let _guard = guard;
-        run_apply(&engine, &desired, &source, &spec_json, &tx);
+        run_apply(
+            &engine,
+            &desired,
+            &source,
+            &spec_json,
+            allow_disruption,
+            &tx,
+        );
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         let ev = rx.recv().await?;
@@ -714,6 +722,7 @@ fn run_apply(
     desired: &Desired,
     source: &str,
     spec_json: &str,
+    allow_disruption: bool,
     tx: &mpsc::Sender<ApplyEvent>,
 ) {
     let send = |ev: ApplyEvent| {
@@ -755,6 +764,16 @@ fn run_apply(
     {
         return fail(format!("not starting anything: {e}"));
     }
+    // Disks made from images are never deleted without being asked to.
+    if let Err(e) = crate::images::check_disruption(&plan, desired, &observed, allow_disruption) {
+        return fail(e);
+    }
+    // Every image the plan needs is pulled and verified before any guest is
+    // touched; the hold keeps `berth image gc` away until the apply ends.
+    let _images_hold = match crate::images::pull_all(&engine.state_dir, &plan, desired, &send) {
+        Ok(h) => h,
+        Err(e) => return fail(e),
+    };
 
     // A rolling update that cannot keep min_available is refused before
     // anything changes.
@@ -991,7 +1010,8 @@ pub(crate) fn run_plan(
         let Some(name) = a.guest.as_deref() else {
             continue;
         };
-        match engine.destroy(name, plan_id) {
+        let recreate = berth_plan::deleted_disks(a, desired, observed);
+        match engine.destroy_keeping_disks(name, plan_id, &recreate) {
             Ok(_) | Err(EngineError::NoSuchGuest(_)) => {}
             Err(e) => errors.push(e.to_string()),
         }

@@ -7,6 +7,7 @@
 pub mod engine;
 mod health;
 mod http;
+mod images;
 mod rollout;
 mod vip;
 

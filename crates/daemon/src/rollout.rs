@@ -120,7 +120,12 @@ fn switch(
         let replace = kind == ActionKind::Replace && *n == name
             || old.is_none_or(|o| o.index != new.index || o.kind != new.kind);
         let res = if replace || old.is_none() {
-            match engine.destroy(n, plan_id) {
+            // Disks made from images stay unless the new config needs new ones.
+            let recreate = match (old.and_then(|o| o.vm.as_ref()), new.vm.as_ref()) {
+                (Some(a), Some(b)) => berth_plan::recreated_disks(a, b),
+                _ => Vec::new(),
+            };
+            match engine.destroy_keeping_disks(n, plan_id, &recreate) {
                 Ok(_) | Err(EngineError::NoSuchGuest(_)) => {}
                 Err(e) => return Err(e),
             }

@@ -679,6 +679,7 @@ fn diff_vm(d: &mut Vec<Diff>, a: &berth_spec::vm::Vm, b: &berth_spec::vm::Vm) {
             .join(" ")
     };
     diff(d, "disks", disks(a), disks(b), Impact::Restart);
+    images_and_seed(d, a, b);
     diff(d, "cdrom", path(&a.cdrom), path(&b.cdrom), Impact::Restart);
     diff(
         d,
@@ -715,6 +716,135 @@ fn diff_vm(d: &mut Vec<Diff>, a: &berth_spec::vm::Vm, b: &berth_spec::vm::Vm) {
         b.exclusive.to_string(),
         Impact::Live,
     );
+}
+
+/// Managed disks (made from an image under the state dir) that a change
+/// from `a` to `b` must make anew, deleting what the guest wrote: same
+/// place, but another image (or format). Pure.
+pub fn recreated_disks(a: &berth_spec::vm::Vm, b: &berth_spec::vm::Vm) -> Vec<String> {
+    let ident = |v: &berth_spec::vm::Vm, name: &Option<String>| {
+        name.as_ref()
+            .map(|n| v.images.get(n).map_or_else(|| n.clone(), |i| i.identity()))
+    };
+    b.disks
+        .iter()
+        .filter(|nd| nd.managed())
+        .filter_map(|nd| {
+            let od = a
+                .disks
+                .iter()
+                .find(|od| od.managed() && od.path == nd.path)?;
+            (od.format != nd.format || ident(a, &od.image) != ident(b, &nd.image))
+                .then(|| nd.path.display().to_string())
+        })
+        .collect()
+}
+
+/// The disks berth made from images for guest `g` (deleted with it).
+pub fn managed_disks(g: &Guest) -> Vec<String> {
+    g.vm.iter()
+        .flat_map(|v| v.disks.iter())
+        .filter(|d| d.managed())
+        .map(|d| d.path.display().to_string())
+        .collect()
+}
+
+/// What applying `a` deletes that a guest wrote: its managed disks when it
+/// is destroyed, or those a replace must make anew. `berth apply` refuses
+/// such a plan without `--allow-disruption`.
+pub fn deleted_disks(a: &Action, desired: &Desired, observed: &Observed) -> Vec<String> {
+    let Some(name) = a.guest.as_deref() else {
+        return Vec::new();
+    };
+    let Some(old) = observed.guests.get(name) else {
+        return Vec::new();
+    };
+    match (a.kind, desired.guests.get(name)) {
+        (ActionKind::Destroy, _) => managed_disks(&old.applied),
+        (_, Some(new)) => match (&old.applied.vm, &new.vm) {
+            (Some(ov), Some(nv)) => recreated_disks(ov, nv),
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    }
+}
+
+fn short_identity(i: &berth_spec::image::Image) -> String {
+    let id = i.identity();
+    match id.strip_prefix("sha256:") {
+        Some(rest) => format!(
+            "sha256:{}…{}",
+            &rest[..12.min(rest.len())],
+            &rest[rest.find(' ').unwrap_or(rest.len())..]
+        ),
+        None => id,
+    }
+}
+
+/// Images used as files (kernel, initrd, cdrom) need a restart when they
+/// change; a managed disk made from another image needs a new disk
+/// (replace); the seed is read at boot (restart).
+fn images_and_seed(d: &mut Vec<Diff>, a: &berth_spec::vm::Vm, b: &berth_spec::vm::Vm) {
+    let recreated = recreated_disks(a, b);
+    for p in &recreated {
+        let src = |v: &berth_spec::vm::Vm| {
+            v.disks
+                .iter()
+                .find(|x| x.managed() && x.path.display().to_string() == *p)
+                .map(|x| {
+                    let img = x.image.as_ref().and_then(|n| v.images.get(n));
+                    format!(
+                        "{} from {}",
+                        x.format,
+                        img.map_or_else(
+                            || "?".into(),
+                            |i| format!("{} ({})", i.name, short_identity(i))
+                        )
+                    )
+                })
+                .unwrap_or_default()
+        };
+        diff(
+            d,
+            &format!("disk {p} (made anew: what the guest wrote is lost)"),
+            src(a),
+            src(b),
+            Impact::Replace,
+        );
+    }
+    let disk_images: Vec<&String> = b
+        .disks
+        .iter()
+        .filter(|x| x.managed())
+        .filter_map(|x| x.image.as_ref())
+        .collect();
+    let names: std::collections::BTreeSet<&String> =
+        a.images.keys().chain(b.images.keys()).collect();
+    for n in names {
+        // Only in disks: covered above (a disk that exists keeps its image).
+        let in_files = |v: &berth_spec::vm::Vm| {
+            [&v.kernel, &v.initrd, &v.cdrom].iter().any(|p| {
+                p.as_deref()
+                    .and_then(berth_spec::image::image_ref)
+                    .is_some_and(|r| r == n.as_str())
+            })
+        };
+        if !(in_files(a) || in_files(b)) && disk_images.contains(&n) {
+            continue;
+        }
+        let show = |v: &berth_spec::vm::Vm| {
+            v.images
+                .get(n)
+                .map_or_else(|| "unused".into(), short_identity)
+        };
+        diff(d, &format!("image.{n}"), show(a), show(b), Impact::Restart);
+    }
+    let seed = |v: &berth_spec::vm::Vm| {
+        v.seed
+            .as_ref()
+            .map_or_else(|| "none".into(), |s| s.describe())
+    };
+    diff(d, "seed", seed(a), seed(b), Impact::Restart);
 }
 
 fn phrase(d: &Diff) -> String {
@@ -880,7 +1010,21 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                 guest: Some(name.clone()),
                 kind: ActionKind::Destroy,
                 impact: Impact::Replace,
-                reason: "removed from the spec: will be stopped and deleted".to_string(),
+                reason: {
+                    let disks = observed
+                        .guests
+                        .get(name)
+                        .map(|o| managed_disks(&o.applied))
+                        .unwrap_or_default();
+                    if disks.is_empty() {
+                        "removed from the spec: will be stopped and deleted".to_string()
+                    } else {
+                        format!(
+                            "removed from the spec: will be stopped and deleted with its disks {} (needs --allow-disruption)",
+                            disks.join(", ")
+                        )
+                    }
+                },
                 changes: Vec::new(),
                 start: false,
             });

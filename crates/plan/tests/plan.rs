@@ -790,3 +790,121 @@ fn vm_pinning_is_live_and_qemu_args_restart() {
         );
     }
 }
+
+const IMAGES: &str = r#"
+[host]
+uplink = "eth0"
+subnet4 = "10.0.0.0/24"
+
+[image.root]
+url = "https://example.org/root.qcow2"
+sha256 = "1111111111111111111111111111111111111111111111111111111111111111"
+
+[image.root2]
+url = "https://example.org/root2.qcow2"
+sha256 = "2222222222222222222222222222222222222222222222222222222222222222"
+
+[image.vmlinuz]
+url = "https://example.org/netinst.iso"
+sha256 = "3333333333333333333333333333333333333333333333333333333333333333"
+extract = "iso:/install/vmlinuz"
+
+[guest.r1]
+kind = "vm"
+index = 5
+kernel = "image:vmlinuz"
+disks = [{ image = "root", size = "1G" }]
+"#;
+
+fn images_spec() -> Spec {
+    berth_spec::parse(IMAGES, Format::Toml, Path::new("img.toml")).expect("parses")
+}
+
+#[test]
+fn images_disks_and_seeds() {
+    let before = desired(&images_spec());
+    let vm = before.guests["r1"].vm.as_ref().expect("vm");
+    assert_eq!(vm.disks[0].path, Path::new("disk0.qcow2"));
+    assert!(vm.disks[0].managed());
+    assert_eq!(vm.images.len(), 2, "only the images r1 uses");
+    let obs = running(&before);
+    assert!(
+        plan(&before, &obs).is_empty(),
+        "re-applying changes nothing"
+    );
+
+    // Another image behind the kernel: restart.
+    let mut s = images_spec();
+    s.image.get_mut("vmlinuz").expect("img").sha256 = Some("4".repeat(64));
+    let p = plan(&desired(&s), &obs);
+    assert_eq!(
+        shape(&p),
+        [("r1".into(), ActionKind::Restart, Impact::Restart)],
+        "{p}"
+    );
+    assert!(p.to_string().contains("image.vmlinuz"), "{p}");
+
+    // Another image behind the managed disk: replace, and the disk is named
+    // as deleted (apply refuses it without --allow-disruption).
+    let mut s = images_spec();
+    g(&mut s, "r1").disks[0].image = Some("root2".into());
+    let d = desired(&s);
+    let p = plan(&d, &obs);
+    assert_eq!(
+        shape(&p),
+        [("r1".into(), ActionKind::Replace, Impact::Replace)],
+        "{p}"
+    );
+    assert_eq!(
+        berth_plan::deleted_disks(action(&p, "r1"), &d, &obs),
+        ["disk0.qcow2"]
+    );
+    assert!(p.to_string().contains("made anew"), "{p}");
+
+    // A bigger size never recreates the disk; an index change replaces the
+    // guest but keeps its disk.
+    let mut s = images_spec();
+    g(&mut s, "r1").disks[0].size = Some(ByteSize(2 << 30));
+    g(&mut s, "r1").index = Some(6);
+    let d = desired(&s);
+    let p = plan(&d, &obs);
+    assert_eq!(action(&p, "r1").kind, ActionKind::Replace);
+    assert!(berth_plan::deleted_disks(action(&p, "r1"), &d, &obs).is_empty());
+
+    // A seed change: restart. Removing the guest deletes its disks.
+    let mut s = images_spec();
+    g(&mut s, "r1").seed = Some(berth_spec::image::SeedSpec::Nocloud {
+        user_data: Some("#cloud-config\n".into()),
+        meta_data: None,
+        network_config: None,
+    });
+    let p = plan(&desired(&s), &obs);
+    assert_eq!(
+        shape(&p),
+        [("r1".into(), ActionKind::Restart, Impact::Restart)],
+        "{p}"
+    );
+    let mut s = images_spec();
+    s.guest.clear();
+    let d = desired(&s);
+    let p = plan(&d, &obs);
+    assert_eq!(
+        berth_plan::deleted_disks(action(&p, "r1"), &d, &obs),
+        ["disk0.qcow2"]
+    );
+    assert!(action(&p, "r1").reason.contains("--allow-disruption"));
+}
+
+#[test]
+fn image_reference_errors() {
+    let mut s = images_spec();
+    g(&mut s, "r1").initrd = Some("image:nope".into());
+    g(&mut s, "r1").disks[0].size = None;
+    s.image.get_mut("root2").expect("img").sha256 = None;
+    let errs = berth_spec::validate(&s, Path::new("img.toml"), &NoProbe).expect_err("invalid");
+    let text = berth_spec::format_errors(&errs);
+    assert!(text.contains("image `nope` is not declared"), "{text}");
+    assert!(text.contains("needs a `size`"), "{text}");
+    assert!(text.contains("image.root2: give `sha256`"), "{text}");
+    assert_eq!(errs.len(), 3, "{text}");
+}

@@ -7,6 +7,7 @@
 
 pub mod client;
 mod console;
+mod images;
 pub mod paths;
 pub mod proto;
 pub mod qga;

@@ -177,7 +177,15 @@ pub fn start(
         }
     };
 
-    for d in &vm.disks {
+    // Images, disks made from them and the seed volume (see images.rs).
+    let state_dir = paths
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .ok_or("the guest directory is not under a state dir")?;
+    let resolved = crate::images::prepare(cfg, vm, state_dir, &paths.dir, runas)?;
+    warnings.extend(resolved.warnings.iter().cloned());
+    for d in vm.disks.iter().filter(|d| d.image.is_none()) {
         let existed = d.path.exists();
         let fmt = match d.format {
             berth_spec::vm::DiskFormat::Raw => berth_vm::DiskFormat::Raw,
@@ -215,8 +223,16 @@ pub fn start(
             );
             let vars = paths.dir.join("OVMF_VARS.fd");
             if !vars.exists() && template.exists() {
-                std::fs::copy(&template, &vars)
-                    .map_err(|e| format!("copying UEFI variables {}: {e}", template.display()))?;
+                // Through a temp file: a copy cut short must not pass for
+                // the guest's variable store at the next start.
+                let tmp = vars.with_extension("fd.tmp");
+                std::fs::copy(&template, &tmp)
+                    .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+                    .and_then(|()| std::fs::rename(&tmp, &vars))
+                    .map_err(|e| {
+                        let _ = std::fs::remove_file(&tmp);
+                        format!("copying UEFI variables {}: {e}", template.display())
+                    })?;
             }
             vars.exists().then_some(vars)
         }
@@ -250,22 +266,30 @@ pub fn start(
         accel,
         cpus: vm.vcpus,
         memory_mib: vm.memory_mib,
-        kernel: vm.kernel.clone(),
-        initrd: vm.initrd.clone(),
+        kernel: resolved.kernel.clone(),
+        initrd: resolved.initrd.clone(),
         cmdline: vm.kernel.as_ref().map(|_| cmdline(cfg, vm, accel, tsc)),
         disks: vm
             .disks
             .iter()
-            .map(|d| berth_vm::Disk {
-                path: d.path.clone(),
+            .zip(&resolved.disks)
+            .map(|(d, path)| berth_vm::Disk {
+                path: path.clone(),
                 format: match d.format {
                     berth_spec::vm::DiskFormat::Raw => berth_vm::DiskFormat::Raw,
                     berth_spec::vm::DiskFormat::Qcow2 => berth_vm::DiskFormat::Qcow2,
                 },
                 readonly: d.readonly,
+                usb: false,
             })
+            .chain(resolved.seed.clone().map(|(path, usb)| berth_vm::Disk {
+                path,
+                format: berth_vm::DiskFormat::Raw,
+                readonly: true,
+                usb,
+            }))
             .collect(),
-        cdrom: vm.cdrom.clone(),
+        cdrom: resolved.cdrom.clone(),
         firmware: match vm.firmware {
             Firmware::Bios => berth_vm::Firmware::Bios,
             Firmware::Uefi => berth_vm::Firmware::Uefi,
@@ -385,6 +409,8 @@ mod tests {
             emulator_cpus: vec![],
             exclusive: false,
             hugepages: false,
+            images: Default::default(),
+            seed: None,
         };
         let g = Guest {
             name: "r1".into(),

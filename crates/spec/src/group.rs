@@ -259,14 +259,9 @@ pub(crate) fn validate_groups(
     for (gname, gs) in &spec.group {
         let before = cx.errors.len();
         let field = |f: &str| format!("group.{gname}.{f}");
-        let (vip4, vip6) = parse_vips(
-            &mut Ctx {
-                file: cx.file,
-                errors: Vec::new(),
-            },
-            gname,
-            gs,
-        );
+        // Parse errors were reported by expand(); here only valid ones count.
+        let vip4 = gs.vip4.as_ref().and_then(|s| s.parse::<Ipv4Addr>().ok());
+        let vip6 = gs.vip6.as_ref().and_then(|s| s.parse::<Ipv6Addr>().ok());
         for vip in vip4.map(IpAddr::V4).into_iter().chain(vip6.map(IpAddr::V6)) {
             if let Some(other) = vip_owner.insert(vip, gname) {
                 cx.host(&field(if vip.is_ipv4() { "vip4" } else { "vip6" }), format!("{vip} is also the service address of group `{other}`; every group needs its own"));

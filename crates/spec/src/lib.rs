@@ -20,6 +20,7 @@
 
 mod error;
 mod group;
+pub mod image;
 mod size;
 mod validate;
 pub mod vm;
@@ -55,6 +56,11 @@ pub struct Spec {
     /// service address (`vip4`/`vip6`) steered to healthy members.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub group: BTreeMap<String, GroupSpec>,
+    /// Images by name: `[image.NAME]` with `url` and `sha256` (or
+    /// `sha256_url`); guests use them as `"image:NAME"` (kernel, initrd,
+    /// cdrom) or `disks = [{ image = "NAME", size = "8G" }]`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub image: BTreeMap<String, image::ImageSpec>,
 }
 
 /// The `[host]` table.
@@ -168,6 +174,12 @@ pub struct GuestSpec {
     /// (through exec) and stores its output encrypted to `recipients`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<Backup>,
+    /// VM: a pre-seeded volume attached read-only: `{ kind = "nocloud",
+    /// user_data, meta_data, network_config }` (cloud-init) or `{ kind =
+    /// "files", label, files = { NAME = "text or /path" } }` (e.g. pfSense's
+    /// config.xml on a USB disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<image::SeedSpec>,
     /// Health probe, e.g. `{ tcp = 80 }`,
     /// `{ http = "http://{addr}:80/health", expect = 200 }` or
     /// `{ exec = ["pgrep", "httpd"] }`, with `interval`, `timeout`,

@@ -69,6 +69,9 @@ pub struct Desired {
     /// Redundancy groups; their members are in `guests`.
     #[serde(default)]
     pub groups: BTreeMap<String, crate::Group>,
+    /// Every valid `[image.NAME]`, used by a guest or not (`berth image pull`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub images: BTreeMap<String, crate::image::Image>,
 }
 
 /// Validated host settings.
@@ -191,6 +194,10 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
 pub(crate) struct Ctx<'a> {
     pub(crate) file: &'a Path,
     pub(crate) errors: Vec<SpecError>,
+    /// Valid images, and the names of all declared ones (an invalid image
+    /// is reported once, not again at every use).
+    pub(crate) images: BTreeMap<String, crate::image::Image>,
+    pub(crate) image_names: Vec<String>,
 }
 
 impl Ctx<'_> {
@@ -223,7 +230,14 @@ pub fn validate(
     let mut cx = Ctx {
         file,
         errors: Vec::new(),
+        images: BTreeMap::new(),
+        image_names: spec.image.keys().cloned().collect(),
     };
+    let (images, image_errors) = crate::image::validate_images(&spec.image);
+    for (name, reason) in image_errors {
+        cx.host(&format!("image.{name}"), reason);
+    }
+    cx.images = images;
     let host = validate_host(&mut cx, &spec.host, probe);
     let max_guests = (1..=MAX_MAX_GUESTS)
         .contains(&spec.host.max_guests)
@@ -372,6 +386,7 @@ pub fn validate(
             host,
             guests,
             groups,
+            images: cx.images,
         }),
         _ => Err(cx.errors),
     }
@@ -837,6 +852,7 @@ fn reject_vm_fields(cx: &mut Ctx<'_>, name: &str, g: &GuestSpec) {
         ("emulator_cpus", g.emulator_cpus.is_some()),
         ("exclusive", g.exclusive.is_some()),
         ("hugepages", g.hugepages.is_some()),
+        ("seed", g.seed.is_some()),
     ] {
         if set {
             cx.guest(
@@ -861,8 +877,30 @@ fn validate_vm(
     use crate::vm::{Disk, Firmware, Machine, find_ovmf, format_of};
     let before = cx.errors.len();
     let machine = g.machine.unwrap_or_default();
-    let file_field = |cx: &mut Ctx<'_>, field: &str, p: &Path| {
-        if !p.is_absolute() {
+    let mut used = BTreeMap::new();
+    let mut use_image = |cx: &mut Ctx<'_>, field: &str, image: &str| {
+        if let Some(img) = cx.images.get(image) {
+            used.insert(image.to_string(), img.clone());
+        } else if !cx.image_names.iter().any(|n| n == image) {
+            let known = if cx.image_names.is_empty() {
+                "the spec declares no images".to_string()
+            } else {
+                format!("declared: {}", cx.image_names.join(", "))
+            };
+            cx.guest(
+                name,
+                field,
+                format!("image `{image}` is not declared; add an [image.{image}] table with url and sha256 ({known})"),
+            );
+        }
+    };
+    let file_field = |cx: &mut Ctx<'_>,
+                      use_image: &mut dyn FnMut(&mut Ctx<'_>, &str, &str),
+                      field: &str,
+                      p: &Path| {
+        if let Some(image) = crate::image::image_ref(p) {
+            use_image(cx, field, image);
+        } else if !p.is_absolute() {
             cx.guest(
                 name,
                 field,
@@ -877,16 +915,16 @@ fn validate_vm(
         }
     };
     if let Some(k) = &g.kernel {
-        file_field(cx, "kernel", k);
+        file_field(cx, &mut use_image, "kernel", k);
     }
     if let Some(i) = &g.initrd {
-        file_field(cx, "initrd", i);
+        file_field(cx, &mut use_image, "initrd", i);
         if g.kernel.is_none() {
             cx.guest(name, "initrd", "an initrd needs a `kernel` to go with it");
         }
     }
     if let Some(c) = &g.cdrom {
-        file_field(cx, "cdrom", c);
+        file_field(cx, &mut use_image, "cdrom", c);
     }
     if g.cmdline.as_deref().is_some_and(|c| c.contains('\0')) {
         cx.guest(
@@ -903,25 +941,7 @@ fn validate_vm(
         );
     }
     let mut disks = Vec::new();
-    for d in &g.disks {
-        if !d.path.is_absolute() {
-            cx.guest(
-                name,
-                "disks",
-                format!("disk {} must be an absolute path", d.path.display()),
-            );
-            continue;
-        }
-        if !probe.exists(&d.path) && d.size.is_none() {
-            cx.guest(
-                name,
-                "disks",
-                format!(
-                    "disk {} does not exist; give it a `size` to have berth create it (sparse)",
-                    d.path.display()
-                ),
-            );
-        }
+    for (k, d) in g.disks.iter().enumerate() {
         if let Some(s) = d.size.filter(|s| s.0 < (1 << 20)) {
             cx.guest(
                 name,
@@ -929,13 +949,85 @@ fn validate_vm(
                 format!("disk size {s} is too small; use at least 1M"),
             );
         }
+        if let Some(image) = &d.image {
+            use_image(cx, "disks", image);
+            if d.size.is_none() {
+                cx.guest(name, "disks", format!("disk {k} from image `{image}` needs a `size` (at least the image's size; the disk is grown to it)"));
+            }
+            let format = d
+                .format
+                .or_else(|| d.path.as_deref().map(format_of))
+                .unwrap_or(crate::vm::DiskFormat::Qcow2);
+            let path = match &d.path {
+                None => PathBuf::from(format!("disk{k}.{format}")),
+                Some(p) if !p.is_absolute() => {
+                    cx.guest(
+                        name,
+                        "disks",
+                        format!("disk {} must be an absolute path (or leave `path` out and berth keeps the disk under its state dir)", p.display()),
+                    );
+                    continue;
+                }
+                Some(p) => p.clone(),
+            };
+            disks.push(Disk {
+                path,
+                image: Some(image.clone()),
+                size: d.size.map(|s| s.0),
+                format,
+                readonly: d.readonly.unwrap_or(false),
+            });
+            continue;
+        }
+        let Some(path) = &d.path else {
+            cx.guest(
+                name,
+                "disks",
+                format!("disk {k} needs a `path` (a disk image file) or an `image` (a declared [image.NAME] to make it from)"),
+            );
+            continue;
+        };
+        if !path.is_absolute() {
+            cx.guest(
+                name,
+                "disks",
+                format!("disk {} must be an absolute path", path.display()),
+            );
+            continue;
+        }
+        if !probe.exists(path) && d.size.is_none() {
+            cx.guest(
+                name,
+                "disks",
+                format!(
+                    "disk {} does not exist; give it a `size` to have berth create it (sparse)",
+                    path.display()
+                ),
+            );
+        }
         disks.push(Disk {
-            path: d.path.clone(),
+            path: path.clone(),
+            image: None,
             size: d.size.map(|s| s.0),
-            format: d.format.unwrap_or_else(|| format_of(&d.path)),
+            format: d.format.unwrap_or_else(|| format_of(path)),
             readonly: d.readonly.unwrap_or(false),
         });
     }
+    let seed = match &g.seed {
+        None => None,
+        Some(s) => {
+            let exists = |p: &Path| probe.exists(p);
+            match crate::image::validate_seed(name, s, machine == Machine::Q35, &exists) {
+                Ok(seed) => Some(seed),
+                Err(reasons) => {
+                    for r in reasons {
+                        cx.guest(name, "seed", r);
+                    }
+                    None
+                }
+            }
+        }
+    };
     match machine {
         Machine::Microvm if g.kernel.is_none() => {
             cx.guest(name, "kernel", "a microvm boots a kernel directly: give `kernel` (and usually `initrd`), or use machine = \"q35\" to boot from disks");
@@ -1071,5 +1163,7 @@ fn validate_vm(
         emulator_cpus,
         exclusive: g.exclusive.unwrap_or(false),
         hugepages,
+        images: used,
+        seed,
     })
 }

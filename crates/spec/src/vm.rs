@@ -60,8 +60,14 @@ impl std::fmt::Display for DiskFormat {
 #[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
-    /// Absolute path of the image.
-    pub path: PathBuf,
+    /// Absolute path of the image. With `image` it may be left out: berth
+    /// keeps the disk under its state dir (`disks/GUEST/diskN.FMT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// Make the disk from `[image.NAME]`: a qcow2 overlay backed by the
+    /// cached image (or, with format = "raw", a copy), grown to `size`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// Create the image (sparse) with this size when it does not exist. An
     /// existing image is never overwritten or resized.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,7 +82,12 @@ pub struct DiskSpec {
 /// A validated disk.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Disk {
+    /// Absolute, or relative to `disks/GUEST/` under the state dir (a disk
+    /// berth made from an image and manages; see [`Disk::managed`]).
     pub path: PathBuf,
+    /// The image the disk is made from, if any (a key of [`Vm::images`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     pub size: Option<u64>,
     pub format: DiskFormat,
     pub readonly: bool,
@@ -107,6 +118,26 @@ pub struct Vm {
     /// No other pinned VM may use this VM's `cpu_pinning` CPUs.
     pub exclusive: bool,
     pub hugepages: bool,
+    /// The images this VM uses (by name), as validated: `image:NAME` paths
+    /// and disk images resolve through these.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub images: std::collections::BTreeMap<String, crate::image::Image>,
+    /// A seed volume attached read-only after the disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<crate::image::Seed>,
+}
+
+impl Disk {
+    /// A disk berth keeps under `disks/GUEST/` (no path in the spec): made
+    /// from its image at the first start, deleted with the guest.
+    pub fn managed(&self) -> bool {
+        self.path.is_relative()
+    }
+}
+
+/// Directory of a guest's managed disks under the state dir.
+pub fn managed_disk_dir(state_dir: &Path, guest: &str) -> PathBuf {
+    state_dir.join("disks").join(guest)
 }
 
 /// Where Debian/NixOS ship OVMF's code image.

@@ -524,7 +524,8 @@ fn vm_rules() {
         |s| {
             make_vm(s);
             db1(s).disks = vec![berth_spec::vm::DiskSpec {
-                path: "/nope.img".into(),
+                path: Some("/nope.img".into()),
+                image: None,
                 size: None,
                 format: None,
                 readonly: None,

@@ -77,6 +77,11 @@ pub struct Disk {
     pub path: PathBuf,
     pub format: DiskFormat,
     pub readonly: bool,
+    /// q35: attach as a USB mass-storage disk (on a `qemu-xhci` controller)
+    /// instead of virtio, e.g. a config volume pfSense looks for on USB.
+    /// Ignored on microvm (no USB).
+    #[serde(default)]
+    pub usb: bool,
 }
 
 /// Everything [`qemu_argv`] needs, resolved: paths exist (or will), accel is
@@ -303,7 +308,22 @@ pub fn qemu_argv(c: &VmConfig) -> Vec<String> {
             "ide-cd,drive=cd0,bus=ide.0,bootindex=1",
         ]);
     }
+    let on_usb = |d: &Disk| d.usb && c.machine == Machine::Q35;
+    if c.disks.iter().any(on_usb) {
+        push(&["-device", "qemu-xhci,id=xhci"]);
+    }
     for (k, disk) in c.disks.iter().enumerate() {
+        if on_usb(disk) {
+            let d = format!(
+                "file={},if=none,id=u{k},format={},readonly={}",
+                esc_path(&disk.path),
+                disk.format.as_str(),
+                if disk.readonly { "on" } else { "off" },
+            );
+            let dev = format!("usb-storage,bus=xhci.0,drive=u{k},removable=on");
+            push(&["-drive", &d, "-device", &dev]);
+            continue;
+        }
         let d = format!(
             "file={},if=none,id=d{k},format={},readonly={}{}",
             esc_path(&disk.path),
@@ -506,6 +526,7 @@ mod tests {
             path: "/d/root.img".into(),
             format: DiskFormat::Raw,
             readonly: true,
+            usb: false,
         }];
         c.cdrom = Some("/d/seed.iso".into());
         let a = qemu_argv(&c);
@@ -538,11 +559,13 @@ mod tests {
                 path: "/var/lib/berth/fw/disk,0.qcow2".into(),
                 format: DiskFormat::Qcow2,
                 readonly: false,
+                usb: false,
             },
             Disk {
                 path: "/var/lib/berth/fw/data.raw".into(),
                 format: DiskFormat::Raw,
                 readonly: true,
+                usb: false,
             },
         ];
         c.cdrom = Some("/iso/pfsense.iso".into());
@@ -583,10 +606,42 @@ mod tests {
             path: "/d/a.qcow2".into(),
             format: DiskFormat::Qcow2,
             readonly: false,
+            usb: false,
         }];
         let a = qemu_argv(&c);
         assert!(!a.iter().any(|s| s.contains("pflash")), "BIOS: no OVMF");
         assert!(values(&a, "-device").contains(&"virtio-blk-pci,drive=d0,bootindex=1"));
+    }
+
+    #[test]
+    fn q35_usb_seed_and_microvm_virtio_seed() {
+        let mut c = microvm();
+        c.machine = Machine::Q35;
+        c.disks = vec![
+            Disk {
+                path: "/d/a.qcow2".into(),
+                format: DiskFormat::Qcow2,
+                readonly: false,
+                usb: false,
+            },
+            Disk {
+                path: "/g/seed.img".into(),
+                format: DiskFormat::Raw,
+                readonly: true,
+                usb: true,
+            },
+        ];
+        let a = qemu_argv(&c);
+        let dev = values(&a, "-device");
+        assert!(dev.contains(&"qemu-xhci,id=xhci"));
+        assert!(dev.contains(&"usb-storage,bus=xhci.0,drive=u1,removable=on"));
+        assert!(
+            values(&a, "-drive").contains(&"file=/g/seed.img,if=none,id=u1,format=raw,readonly=on")
+        );
+        c.machine = Machine::Microvm;
+        let a = qemu_argv(&c);
+        assert!(!a.iter().any(|s| s.contains("xhci")));
+        assert!(values(&a, "-device").contains(&"virtio-blk-device,drive=d1"));
     }
 
     #[test]
