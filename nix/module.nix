@@ -27,20 +27,39 @@ let
 
   diskType = types.submodule {
     options = {
-      path = mkOption { type = types.str; description = "Absolute path of the image."; };
+      path = opt types.str "Absolute path of the disk (default with `image`: under the state dir).";
+      image = opt types.str "Make the disk from this image (services.berth.images.NAME): a qcow2 overlay or raw copy.";
       size = opt size "Create the image (sparse) with this size when it does not exist; an existing image is never overwritten.";
       format = opt (types.enum [ "raw" "qcow2" ]) "Image format; default from the extension (.qcow2), else raw.";
       readOnly = opt types.bool "Attach read-only.";
     };
   };
 
-  guestType = types.submodule ({ name, ... }: {
+  healthType = types.submodule {
     options = {
+      tcp = opt types.port "Probe: TCP connect to this port of the guest's IPv4 address.";
+      http = opt types.str "Probe: GET this URL, {addr} = the guest's address, e.g. \"http://{addr}:80/health\".";
+      expect = opt types.ints.positive "HTTP status that counts as healthy (berth's default: 200).";
+      exec = opt (types.listOf types.str) "Probe: run this command in the guest; exit 0 is healthy.";
+      interval = opt types.str "Time between probes (berth's default: \"1s\").";
+      timeout = opt types.str "A slower probe fails (berth's default: \"1s\").";
+      healthyAfter = opt types.ints.positive "Passes in a row to become healthy (default 2).";
+      unhealthyAfter = opt types.ints.positive "Failures in a row to become unhealthy (default 2).";
+    };
+  };
+  backupType = types.submodule {
+    options = {
+      command = mkOption { type = types.listOf types.str; description = "Prints the configuration on stdout."; };
+      restoreCommand = opt (types.listOf types.str) "Reads a configuration on stdin and installs it.";
+      recipients = mkOption { type = types.listOf types.str; description = "age recipients (age1...)."; };
+    };
+  };
+
+  # Options every guest, template and companion has.
+  commonOptions = {
       kind = mkOption { type = types.enum [ "container" "vm" ]; description = "container (systemd-nspawn) or vm (QEMU)."; };
-      index = mkOption {
-        type = types.ints.positive;
-        description = "Picks the guest's addresses and link (vb<index>); 1..maxGuests-1, unique.";
-      };
+      health = opt healthType "Health probe (shown in `berth ps`; group members must pass it to carry the service address).";
+      backup = opt backupType "Configuration backup (`berth backup`).";
       config = mkOption {
         type = nullOr types.deferredModule;
         default = null;
@@ -73,14 +92,61 @@ let
       cmdline = opt types.str "VM: kernel command line (with `config`: appended to the built system's).";
       ipCmdline = opt types.bool "VM: append ip=... (and berth.ip6/gw6) to the command line (berth's default: true).";
       disks = mkOption { type = types.listOf diskType; default = [ ]; description = "VM: disks."; };
+      seed = opt (types.attrsOf types.anything) "VM: pre-seeded volume, { kind = \"nocloud\"; userData = ...; } or { kind = \"files\"; label = \"CONFIG\"; files = { ... }; }.";
       cdrom = opt types.str "VM (q35): ISO image attached as a CD-ROM.";
       firmware = opt (types.enum [ "bios" "uefi" ]) "VM (q35): firmware.";
       cpuPinning = opt cpuList "VM: host CPUs for the vCPU threads.";
       emulatorCpus = opt cpuList "VM: host CPUs for QEMU's other threads.";
       exclusive = opt types.bool "VM: no other pinned VM may share the pinned CPUs.";
       hugepages = opt types.bool "VM: back memory with 2 MiB hugepages.";
+  };
+
+  guestType = types.submodule {
+    options = commonOptions // {
+      index = mkOption {
+        type = types.ints.positive;
+        description = "Picks the guest's addresses and link (vb<index>); 1..maxGuests-1, unique.";
+      };
     };
-  });
+  };
+  # Templates and companions take rootfs/command (container) or
+  # kernel/initrd (VM) as paths; building them from `config` is for guests.
+  companionType = types.submodule {
+    options = commonOptions // {
+      name = mkOption { type = types.str; description = "Member web-0's companion db is web-0-db."; };
+      indexBase = mkOption { type = types.ints.positive; description = "Member i's companion gets index indexBase + i."; };
+    };
+  };
+  templateType = types.submodule {
+    options = commonOptions // {
+      companions = mkOption { type = types.listOf companionType; default = [ ]; description = "Containers started with each member and tied to its life."; };
+    };
+  };
+  groupType = types.submodule {
+    options = {
+      replicas = mkOption { type = types.ints.unsigned; description = "Number of members NAME-0 .. NAME-(replicas-1)."; };
+      indexBase = mkOption { type = types.ints.positive; description = "Member i gets index indexBase + i."; };
+      vip4 = opt types.str "IPv4 service address (outside host.subnet4).";
+      vip6 = opt types.str "IPv6 service address (outside host.subnet6).";
+      mode = opt (types.enum [ "active" "ecmp" ]) "active (default) or ecmp.";
+      maxParallel = opt types.ints.positive "Members updated at once (default 1).";
+      minAvailable = opt types.ints.unsigned "Healthy members an update never goes below.";
+      minHealthyTime = opt types.str "An updated member must stay healthy this long (default \"1s\").";
+      healthyDeadline = opt types.str "... within this (default \"60s\").";
+      autoRevert = opt types.bool "Revert a failed update (default true).";
+      drainTime = opt types.str "Requests in flight finish before a member stops (default \"500ms\").";
+      template = mkOption { type = templateType; description = "The guest every member is made from (no index)."; };
+    };
+  };
+  imageType = types.submodule {
+    options = {
+      url = mkOption { type = types.str; description = "https://, http:// or file:///absolute/path."; };
+      sha256 = opt types.str "SHA-256 of the file as downloaded.";
+      sha256Url = opt types.str "A checksum file listing the file (instead of sha256).";
+      decompress = opt (types.enum [ "auto" "gz" "bz2" "xz" "zstd" "none" ]) "Decompression (default auto).";
+      extract = opt types.str "Take one file out of an ISO: \"iso:/path/inside\".";
+    };
+  };
 
   # --- guests declared with `config` (NixOS-only: needs nixpkgs to build) ---
 
@@ -186,13 +252,16 @@ let
         initrd = "${sys.system.build.initialRamdisk}/${sys.system.boot.loader.initrdFile}";
         cmdline = lib.concatStringsSep " " ([ "init=${top}/init" ] ++ sys.boot.kernelParams
           ++ lib.optional (g.cmdline != null) g.cmdline);
-        disks = [{ path = "${storeImage name top}"; format = "raw"; readOnly = true; size = null; }] ++ g.disks;
+        disks = [{ path = "${storeImage name top}"; format = "raw"; readOnly = true; size = null; image = null; }] ++ g.disks;
       };
 
   spec = import ./spec.nix {
     host = { inherit (cfg.host) uplink subnet4 subnet6 maxGuests; };
     guests = lib.mapAttrs resolve cfg.guests;
-    groups = cfg.groups;
+    groups = lib.mapAttrs (_: g: g // { template = removeAttrs g.template [ "config" ] // {
+      companions = map (c: removeAttrs c [ "config" ]) g.template.companions;
+    }; }) cfg.groups;
+    images = cfg.images;
   };
   specFile = pkgs.writeText "berth-spec.json" (builtins.toJSON spec);
 
@@ -221,9 +290,14 @@ in
       description = "Guests by name (1-32 characters of a-z, 0-9, -).";
     };
     groups = mkOption {
-      type = types.attrsOf types.anything;
+      type = types.attrsOf groupType;
       default = { };
-      description = "Redundancy groups: not supported by this berth yet (issue 6); setting any is an evaluation error.";
+      description = "Redundancy groups: replicas identical members behind a health-checked service address, updated one by one without downtime.";
+    };
+    images = mkOption {
+      type = types.attrsOf imageType;
+      default = { };
+      description = "Images berth downloads and verifies; guests use them as \"image:NAME\".";
     };
     specFile = mkOption {
       type = types.path;

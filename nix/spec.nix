@@ -25,7 +25,12 @@
 #              command = [ "${toplevel}/init" ]
 #   vm:        kernel, initrd, cmdline = from the built system
 # Passing a non-null `config` here is an error that says so.
-{ host, guests ? { }, groups ? { } }:
+#
+# Groups (services.berth.groups.NAME = { replicas, indexBase, vip4, ...,
+# template = { <guest options without index>, health, companions } }) become
+# [group.NAME]; images (services.berth.images.NAME = { url, sha256, ... })
+# become [image.NAME].
+{ host, guests ? { }, groups ? { }, images ? { } }:
 let
   inherit (builtins)
     attrNames concatStringsSep elem filter isAttrs isList isPath listToAttrs
@@ -66,12 +71,66 @@ let
     emulatorCpus = "emulator_cpus";
     exclusive = "exclusive";
     hugepages = "hugepages";
+    seed = "seed";
+    # any guest
+    health = "health";
+    backup = "backup";
+    # group templates
+    companions = "companions";
+    # companions
+    name = "name";
+    indexBase = "index_base";
   };
   diskFields = {
     path = "path";
+    image = "image";
     size = "size";
     format = "format";
     readOnly = "readonly";
+  };
+  healthFields = {
+    tcp = "tcp";
+    http = "http";
+    expect = "expect";
+    exec = "exec";
+    interval = "interval";
+    timeout = "timeout";
+    healthyAfter = "healthy_after";
+    unhealthyAfter = "unhealthy_after";
+  };
+  backupFields = {
+    command = "command";
+    restoreCommand = "restore_command";
+    recipients = "recipients";
+  };
+  seedFields = {
+    kind = "kind";
+    userData = "user_data";
+    metaData = "meta_data";
+    networkConfig = "network_config";
+    label = "label";
+    files = "files";
+  };
+  groupFields = {
+    replicas = "replicas";
+    indexBase = "index_base";
+    vip4 = "vip4";
+    vip6 = "vip6";
+    mode = "mode";
+    maxParallel = "max_parallel";
+    minAvailable = "min_available";
+    minHealthyTime = "min_healthy_time";
+    healthyDeadline = "healthy_deadline";
+    autoRevert = "auto_revert";
+    drainTime = "drain_time";
+    template = "template";
+  };
+  imageFields = {
+    url = "url";
+    sha256 = "sha256";
+    sha256Url = "sha256_url";
+    decompress = "decompress";
+    extract = "extract";
   };
 
   # Attributes a NixOS submodule value may carry that are not spec fields.
@@ -98,7 +157,7 @@ let
       listToAttrs (filter (kv: kv != null) (map
         (n:
           let v = valueOf n attrs.${n}; in
-          if n == "env" && v == { } || n == "disks" && v == [ ] then null
+          if n == "env" && v == { } || n == "disks" && v == [ ] || n == "companions" && v == [ ] then null
           else { name = fields.${n}; value = v; })
         set));
 
@@ -115,13 +174,28 @@ let
             (if isList v then
               builtins.genList (i: translateDisk name i (builtins.elemAt v i)) (builtins.length v)
             else throw "berth (nix/spec.nix): guest ${name}: disks must be a list")
+          else if n == "companions" then
+            (if isList v then
+              builtins.genList
+                (i: translateGuest "${name} companions[${toString i}]" (builtins.elemAt v i))
+                (builtins.length v)
+            else throw "berth (nix/spec.nix): guest ${name}: companions must be a list")
+          else if n == "health" then translate "guest ${name}: health" healthFields (_: plain) v
+          else if n == "backup" then translate "guest ${name}: backup" backupFields (_: plain) v
+          else if n == "seed" then translate "guest ${name}: seed" seedFields (_: plain) v
           else plain v)
         g;
+
+  translateGroup = name: g:
+    translate "group ${name}" groupFields
+      (n: v: if n == "template" then translateGuest "group ${name} template" v else v)
+      g;
 in
-if !isEmpty groups then
-  throw "berth (nix/spec.nix): groups (${concatStringsSep ", " (attrNames groups)}) are not supported by this berth yet (redundancy groups: issue 6); remove services.berth.groups"
-else
-  {
-    host = translate "host" hostFields (_: v: v) host;
-    guest = mapAttrs translateGuest guests;
-  }
+{
+  host = translate "host" hostFields (_: v: v) host;
+  guest = mapAttrs translateGuest guests;
+}
+// (if isEmpty groups then { } else { group = mapAttrs translateGroup groups; })
+// (if isEmpty images then { } else {
+  image = mapAttrs (n: translate "image ${n}" imageFields (_: v: v)) images;
+})
