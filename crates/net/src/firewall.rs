@@ -540,12 +540,46 @@ mod tests {
             .filter_map(|c| c.get("add").and_then(|a| a.get("chain")))
             .collect();
         let names: Vec<&str> = chains.iter().map(|c| c["name"].as_str().unwrap()).collect();
-        assert_eq!(names, ["prerouting_filter", "forward", "postrouting"]);
+        assert_eq!(
+            names,
+            [
+                "prerouting_filter",
+                "forward",
+                "postrouting",
+                // Only with service addresses (the fixture has one).
+                "vip_pin_forward",
+                "vip_pin_prerouting"
+            ]
+        );
         for c in &chains {
             assert_eq!(c["policy"], "accept", "{c}");
         }
         assert_eq!(chains[2]["type"], "nat");
         assert_eq!(chains[2]["prio"], 100);
+    }
+
+    #[test]
+    fn vip_connections_are_pinned_by_conntrack_mark() {
+        let doc = render_ruleset(&fw(None));
+        let fwd = rules_in(&doc, "vip_pin_forward");
+        assert_eq!(fwd.len(), 1);
+        let text = fwd[0]["expr"].to_string();
+        assert!(
+            text.contains("@vip4_addrs") && text.contains("\"new\""),
+            "{text}"
+        );
+        assert!(text.contains(&crate::pin_mark(2).to_string()), "{text}");
+        let pre = rules_in(&doc, "vip_pin_prerouting");
+        let text = pre[0]["expr"].to_string();
+        assert!(
+            text.contains("established") && text.contains("original"),
+            "{text}"
+        );
+        // No service addresses: no pinning chains at all.
+        let mut plain = fw(None);
+        plain.vips.clear();
+        let doc = render_ruleset(&plain);
+        assert!(rules_in(&doc, "vip_pin_forward").is_empty());
     }
 
     #[test]
@@ -579,7 +613,7 @@ mod tests {
             .iter()
             .filter_map(|c| c["add"].get("set"))
             .collect();
-        assert_eq!(sets.len(), 2);
+        assert_eq!(sets.len(), 3, "guest4, guest6 and the VIPs");
         assert_eq!(sets[0]["name"], "guest4");
         assert_eq!(sets[0]["type"], json!(["ifname", "ipv4_addr"]));
         assert_eq!(
