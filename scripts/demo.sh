@@ -128,6 +128,12 @@ say "berth image ls"; in_host "$berth" image ls
 say "asking the guests over HTTP, from the host"
 in_host curl -sS --max-time 5 http://10.0.0.2/
 in_host curl -sS --max-time 5 "http://[fd42:b:e:1::3]/index.json"; echo
+echo "waiting for the group's service address 10.0.1.10 (a healthy member answers)…"
+i=0
+until in_host curl -sS --max-time 2 http://10.0.1.10/ 2>/dev/null; do
+    i=$((i + 1)); [ $i -lt 60 ] || die "the group's VIP did not answer; see $dir/daemon.log"
+    sleep 0.5
+done
 echo "waiting for the VM to boot…"
 i=0
 until in_host curl -sS --max-time 2 http://10.0.0.4/ 2>/dev/null; do
@@ -150,6 +156,8 @@ The demo is running. Explore it from the demo's host namespace:
   export BERTH_STATE_DIR=$BERTH_STATE_DIR BERTH_SOCKET=$BERTH_SOCKET
   sudo -E nsenter --net=/run/netns/$host_ns $berth ps
   sudo -E nsenter --net=/run/netns/$host_ns curl http://10.0.0.2/
+  sudo -E nsenter --net=/run/netns/$host_ns curl http://10.0.1.10/   # the group "site": one member answers
+  # kill -9 the member marked * in "berth ps" (its PID) and curl again: the other answers
   # change memory of "web" in $dir/demo.toml, then:
   sudo -E nsenter --net=/run/netns/$host_ns $berth plan $dir/demo.toml
   sudo -E nsenter --net=/run/netns/$host_ns $berth image ls     # the verified image cache
