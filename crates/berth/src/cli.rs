@@ -318,6 +318,9 @@ fn validate(file: &Path, json: bool) -> Result<ExitCode> {
     }
     match res {
         Ok((_, d)) => {
+            for w in berth_spec::nic::warnings(&d) {
+                eprintln!("warning: {w}");
+            }
             println!(
                 "{}: ok ({} guest{})",
                 file.display(),
@@ -384,10 +387,15 @@ fn confirm(question: &str, yes: bool) -> Result<bool> {
 fn apply(client: &Client, file: &Path, yes: bool, json: bool) -> Result<ExitCode> {
     if yes {
         // Nothing to confirm: one request, which streams the plan first.
-        let (spec, _) = match load(file)? {
+        let (spec, desired) = match load(file)? {
             Ok(x) => x,
             Err(errors) => return report_invalid(file, &errors),
         };
+        if !json {
+            for w in berth_spec::nic::warnings(&desired) {
+                eprintln!("warning: {w}");
+            }
+        }
         return run_apply(client, &request_body(file, &spec), json, true);
     }
     let (body, p) = match fetch_plan(client, file)? {

@@ -7,6 +7,7 @@
 
 pub mod client;
 mod console;
+pub mod nics;
 pub mod paths;
 pub mod proto;
 pub mod qga;
