@@ -669,12 +669,15 @@ impl Engine {
     /// Deletes the segment bridges that no recorded guest names (a segment
     /// whose last member was destroyed or moved), and forgets them.
     pub fn gc_segments(&self) -> Result<Vec<String>, EngineError> {
-        let used: std::collections::BTreeSet<String> = self
-            .applied_guests()?
+        // Every record counts, whatever its phase: a guest being created
+        // or restarted is about to use its segments.
+        let records = self.store.guests()?;
+        let used: std::collections::BTreeSet<String> = records
             .iter()
-            .flat_map(|g| g.nics.iter())
-            .filter_map(|n| match &n.kind {
-                berth_spec::nic::NicKind::Segment { bridge, .. } => Some(bridge.clone()),
+            .filter_map(|r| self.applied(r).ok())
+            .flat_map(|g| g.nics)
+            .filter_map(|n| match n.kind {
+                berth_spec::nic::NicKind::Segment { bridge, .. } => Some(bridge),
                 _ => None,
             })
             .collect();
