@@ -14,6 +14,7 @@
 //! | present | `Partial` | `Replace` ("an earlier apply was interrupted") |
 //! | `kind`, `index` or addresses differ | any | `Replace` |
 //! | `rootfs`, `command`, `memory`, `cpus`, `env` differ | running | `Restart` |
+//! | an extra NIC added, removed, or its mode, parent, segment, MAC, address or PCI device changed (`nic[k]`, `nic[k].mac`, ...) | running | `Restart` |
 //! | only `autostart`, `restart`, `stop_timeout` differ | running | `Update` (live) |
 //! | same | running | unchanged |
 //! | same | stopped/failed/missing | `Start` if `autostart`, else unchanged |

@@ -334,3 +334,17 @@ fn other_mistakes_name_the_field() {
     .expect_err("unknown field");
     assert!(e.to_string().contains("segmnet"), "{e}");
 }
+
+/// The router examples in examples/ stay valid (host facts not checked).
+#[test]
+fn router_examples_are_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    for name in ["pfsense-routers.toml", "nixos-routers.toml"] {
+        let path = root.join(name);
+        let spec = berth_spec::load(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let d = validate(&spec, &path, &berth_spec::NoProbe)
+            .unwrap_or_else(|e| panic!("{name}: {}", berth_spec::format_errors(&e)));
+        assert_eq!(d.guests["r1"].nics.len(), 3, "{name}");
+        assert!(warnings(&d).is_empty(), "{name}: {:?}", warnings(&d));
+    }
+}
