@@ -29,6 +29,8 @@
 #   ip=<client>::<gw>:<netmask>:<hostname>:<device>:off   (device default eth0)
 #   berth.ip6=<addr>  berth.gw6=<addr>   IPv6 /128 + default route via gw6
 #   berth.vip4=<addr>[,<addr>...]        extra /32 addresses on lo
+#   berth.nic=<dev>:<addr/len>[,...]    addresses on extra NICs, e.g.
+#                                        eth1:10.9.0.2/24,eth2:fd00:9::2/64
 #   berth.fetch=<url>                    (tests) fetch url via NAT -> /fetched.html,
 #                                        then with a forged source -> /spoof.html
 #   berth.root=/dev/vda [berth.rootfstype=ext4] [ro]
@@ -316,7 +318,7 @@ export PATH
 exec </dev/console >/dev/console 2>&1
 say() { echo "berth-fixture: $*"; }
 set -f
-ipconf= ip6= gw6= vip4= rootdev= rootfstype= rootflags=rw fetch= noqga= noexecport= showseed=
+ipconf= ip6= gw6= vip4= nics= rootdev= rootfstype= rootflags=rw fetch= noqga= noexecport= showseed=
 for a in $(cat /proc/cmdline); do
     case $a in
         berth.noqga) noqga=1 ;;
@@ -325,6 +327,7 @@ for a in $(cat /proc/cmdline); do
         berth.ip6=*) ip6=${a#*=} ;;
         berth.gw6=*) gw6=${a#*=} ;;
         berth.vip4=*) vip4="$vip4 $(echo "${a#*=}" | tr , ' ')" ;;
+        berth.nic=*) nics="$nics $(echo "${a#*=}" | tr , ' ')" ;;
         berth.root=*) rootdev=${a#*=} ;;
         berth.fetch=*) fetch=${a#*=} ;;
         berth.showseed=*) showseed="$showseed ${a#*=}" ;;
@@ -430,6 +433,17 @@ if [ -n "$ip6" ]; then
 fi
 for v in $vip4; do
     ip addr add "$v/32" dev lo && say "vip4 $v on lo"
+done
+for n in $nics; do
+    ndev=${n%%:*}
+    naddr=${n#*:}
+    i=0
+    while [ ! -e "/sys/class/net/$ndev" ] && [ $i -lt 100 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    case $naddr in *:*) echo 0 >"/proc/sys/net/ipv6/conf/$ndev/accept_dad" ;; esac
+    ip link set "$ndev" up && ip addr add "$naddr" dev "$ndev" && say "nic $ndev $naddr"
 done
 hostname "$hostname"
 echo "berth-vm-fixture $hostname" >/www/index.html

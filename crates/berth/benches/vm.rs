@@ -67,6 +67,7 @@ fn raw_qemu(b: &Berth, fx: &berth_testkit::VmFixture, index: u32) -> std::proces
         hugepages: false,
         mac: berth_vm::mac_for_index(index),
         tap_fd: 3,
+        nics: vec![],
         qmp_socket: qmp,
         serial_socket: None,
         exec_socket: None,

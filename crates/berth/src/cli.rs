@@ -334,6 +334,9 @@ fn validate(file: &Path, json: bool) -> Result<ExitCode> {
     }
     match res {
         Ok((_, d)) => {
+            for w in berth_spec::nic::warnings(&d) {
+                eprintln!("warning: {w}");
+            }
             println!(
                 "{}: ok ({} guest{})",
                 file.display(),
@@ -406,10 +409,15 @@ fn apply(
 ) -> Result<ExitCode> {
     if yes {
         // Nothing to confirm: one request, which streams the plan first.
-        let (spec, _) = match load(file)? {
+        let (spec, desired) = match load(file)? {
             Ok(x) => x,
             Err(errors) => return report_invalid(file, &errors),
         };
+        if !json {
+            for w in berth_spec::nic::warnings(&desired) {
+                eprintln!("warning: {w}");
+            }
+        }
         let mut body = request_body(file, &spec);
         body["allow_disruption"] = allow_disruption.into();
         return run_apply(client, &body, json, true);

@@ -405,3 +405,58 @@ fn daemon_tells_systemd_it_is_ready() {
     );
     assert!(serving, "READY=1 before the socket accepts connections");
 }
+
+/// VFIO against this host's real sysfs: a missing PCI address, and (where
+/// the machine has PCI devices but no IOMMU, like CI) a device without an
+/// IOMMU group, are clear errors from `berth validate`; a single-member
+/// segment is a warning.
+#[test]
+fn vfio_and_segment_checks_against_the_real_host() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let kernel = d.path().join("vmlinuz");
+    std::fs::write(&kernel, b"").expect("write");
+    let vm = |pci: &str| {
+        format!(
+            "[host]\nuplink = \"lo\"\nsubnet4 = \"10.0.0.0/24\"\n\n[guest.r1]\nkind = \"vm\"\nindex = 2\nmachine = \"q35\"\nkernel = \"{}\"\n[[guest.r1.nic]]\nmode = \"vfio\"\npci = \"{pci}\"\n",
+            kernel.display()
+        )
+    };
+    let f = d.path().join("vfio.toml");
+    std::fs::write(&f, vm("0000:7f:1f.7")).expect("write");
+    let o = berth(d.path(), &["validate", f.to_str().expect("utf8")]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("field `nic[1].pci`: PCI device 0000:7f:1f.7 does not exist"),
+        "{}",
+        stderr(&o)
+    );
+    // A device of this machine with no IOMMU group (no IOMMU here).
+    let no_group = std::fs::read_dir("/sys/bus/pci/devices")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|e| !e.path().join("iommu_group").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned());
+    if let Some(pci) = no_group {
+        std::fs::write(&f, vm(&pci)).expect("write");
+        let o = berth(d.path(), &["validate", f.to_str().expect("utf8")]);
+        assert!(!o.status.success());
+        assert!(
+            stderr(&o).contains("has no IOMMU group") && stderr(&o).contains("intel_iommu=on"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let seg = format!(
+        "[host]\nuplink = \"lo\"\nsubnet4 = \"10.0.0.0/24\"\n\n[guest.db1]\nkind = \"container\"\nindex = 2\nrootfs = \"{}\"\n[[guest.db1.nic]]\nmode = \"segment\"\nsegment = \"sync\"\n",
+        rootfs(d.path()).display()
+    );
+    std::fs::write(&f, seg).expect("write");
+    let o = berth(d.path(), &["validate", f.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: segment `sync` has a single member (`db1`)"),
+        "{}",
+        stderr(&o)
+    );
+}

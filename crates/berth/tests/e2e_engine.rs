@@ -272,8 +272,22 @@ fn daemon_killed_mid_apply_converges_without_leaks() {
     let _ = apply.wait();
 
     // The next apply converges: every guest runs, exactly one link each.
+    // The new daemon first resumes the interrupted apply and refuses
+    // another one meanwhile (409): wait for it to finish.
     b.start_daemon();
-    b.cli_ok(&["apply", "--yes", file]);
+    let applied = wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+        let out = b.cli(&["apply", "--yes", file]);
+        if out.status.success() {
+            return Some(Ok(()));
+        }
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (!err.contains("another apply or destroy is running")).then_some(Err(err))
+    });
+    match applied {
+        Some(Ok(())) => {}
+        Some(Err(e)) => panic!("apply after the daemon restart failed: {e}"),
+        None => panic!("the resumed apply did not finish within 60 s"),
+    }
     let ps = b.ps();
     assert_eq!(ps.len(), 4, "{ps:?}");
     assert!(ps.iter().all(|g| g.state == "running"), "{ps:?}");

@@ -624,6 +624,7 @@ impl Engine {
         }
         self.store.delete_guest(name)?;
         self.touch_guests();
+        removed.extend(self.gc_segments()?);
         Ok(removed)
     }
 
@@ -658,7 +659,65 @@ impl Engine {
                 detail: String::new(),
             })?;
         }
-        Ok(())
+        self.record_nics(g)
+    }
+
+    /// Records the links of `g`'s extra NICs (the shim creates them at
+    /// start) and the bridges of its segments (created on demand, shared),
+    /// before anything exists, so a crash never leaves one unrecorded; then
+    /// removes bridges no guest names any more.
+    fn record_nics(&self, g: &Guest) -> Result<(), EngineError> {
+        for nic in &g.nics {
+            if let Some(link) = nic.link() {
+                self.store.add_resource(&Resource {
+                    kind: "link".into(),
+                    name: link.to_string(),
+                    guest: Some(g.name.clone()),
+                    detail: format!("nic[{}]: {}", nic.position, nic.describe()),
+                })?;
+            }
+            if let berth_spec::nic::NicKind::Segment {
+                segment, bridge, ..
+            } = &nic.kind
+            {
+                self.store.add_resource(&Resource {
+                    kind: "bridge".into(),
+                    name: bridge.clone(),
+                    guest: None,
+                    detail: format!("segment {segment}"),
+                })?;
+            }
+        }
+        self.gc_segments().map(drop)
+    }
+
+    /// Deletes the segment bridges that no recorded guest names (a segment
+    /// whose last member was destroyed or moved), and forgets them.
+    pub fn gc_segments(&self) -> Result<Vec<String>, EngineError> {
+        // Every record counts, whatever its phase: a guest being created
+        // or restarted is about to use its segments.
+        let records = self.store.guests()?;
+        let used: std::collections::BTreeSet<String> = records
+            .iter()
+            .filter_map(|r| self.applied(r).ok())
+            .flat_map(|g| g.nics)
+            .filter_map(|n| match n.kind {
+                berth_spec::nic::NicKind::Segment { bridge, .. } => Some(bridge),
+                _ => None,
+            })
+            .collect();
+        let mut removed = Vec::new();
+        for r in self.store.resources(None)? {
+            if r.kind != "bridge" || used.contains(&r.name) {
+                continue;
+            }
+            if berth_net::delete_link(&r.name).map_err(|e| EngineError::Host(e.to_string()))? {
+                tracing::info!(bridge = %r.name, "segment bridge removed: no guest uses it");
+                removed.push(format!("bridge {}", r.name));
+            }
+            self.store.remove_resource(&r.kind, &r.name)?;
+        }
+        Ok(removed)
     }
 
     fn write_config(&self, g: &Guest) -> Result<(), EngineError> {
@@ -1320,7 +1379,7 @@ impl Engine {
         for r in self.store.resources(None)? {
             let gone = match r.kind.as_str() {
                 "nft_table" => berth_net::delete_table().map_err(|e| e.to_string()),
-                "link" => berth_net::delete_link(&r.name).map_err(|e| e.to_string()),
+                "link" | "bridge" => berth_net::delete_link(&r.name).map_err(|e| e.to_string()),
                 "unreachable_route" => match r.name.parse::<ipnet::IpNet>() {
                     Ok(net) => berth_net::delete_subnet_unreachable(net).map_err(|e| e.to_string()),
                     Err(_) => Ok(false),
@@ -1560,6 +1619,9 @@ impl berth_spec::HostProbe for LocalProbe {
             return None;
         }
         Some(berth_vm::kvm_usable())
+    }
+    fn vfio_problem(&self, pci: &str, bind: bool) -> Option<String> {
+        berth_vm::vfio::vfio_problem(Path::new("/sys"), pci, bind)
     }
 }
 

@@ -607,6 +607,7 @@ fn warnings(desired: &Desired) -> Vec<String> {
     {
         w.push("systemd/D-Bus not running: containers are not registered with machined (machinectl will not list them)".into());
     }
+    w.extend(berth_spec::nic::warnings(desired));
     w
 }
 

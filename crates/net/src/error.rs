@@ -76,4 +76,18 @@ pub enum NetError {
         action: &'static str,
         detail: String,
     },
+    /// Writing an interface's sysctl failed.
+    #[error("sysctl {path}: {source}")]
+    IfSysctl {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Opening a macvtap's tap device failed.
+    #[error("macvtap: {what}: {source}")]
+    Macvtap {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
 }

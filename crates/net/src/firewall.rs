@@ -18,6 +18,8 @@
 //!   spoofed packets never create conntrack entries. The daemon fills the sets
 //!   with every index the host allows (1..max_guests), so creating or
 //!   removing a guest never has to touch the table.
+//!   A packet arriving on a segment bridge (`bs-*`) for one of the host's
+//!   own addresses is dropped: segments are L2 between their guests only.
 //! * `forward` (filter, hook forward, priority 0, policy accept): accept
 //!   established/related; accept anything arriving from a guest link
 //!   (`iifname "vb*"`); drop connections from the uplink to the guest subnets
@@ -51,6 +53,8 @@ pub const TABLE_NAME: &str = "berth";
 
 /// Wildcard matching every guest link name (see `GuestLink::name`).
 const GUEST_LINK_GLOB: &str = "vb*";
+/// Wildcard matching every segment bridge (`bs-<segment>`).
+const SEGMENT_BRIDGE_GLOB: &str = "bs-*";
 /// Sets of `(link, address)` pairs a guest may send from.
 const GUEST4_SET: &str = "guest4";
 const GUEST6_SET: &str = "guest6";
@@ -265,6 +269,27 @@ fn antispoof_rules() -> Vec<Value> {
     ]
 }
 
+/// Segments are L2 between their members only: a packet arriving on a
+/// segment bridge (`bs-*`) for one of the host's own addresses is dropped
+/// (the bridge has no address, but Linux accepts packets for any local
+/// address on any interface). Bridged frames between members never reach
+/// this hook with a local destination, so segment traffic itself passes.
+fn segment_rule() -> Value {
+    rule(
+        "prerouting_filter",
+        vec![
+            matches("==", meta("iifname"), json!(SEGMENT_BRIDGE_GLOB)),
+            matches(
+                "==",
+                json!({"fib": {"result": "type", "flags": ["daddr"]}}),
+                json!("local"),
+            ),
+            counter(),
+            verdict("drop"),
+        ],
+    )
+}
+
 /// Render the nft JSON document that atomically replaces table `inet berth`
 /// with the ruleset for `fw`. Pure: no IO.
 pub fn render_ruleset(fw: &Firewall) -> Value {
@@ -281,6 +306,7 @@ pub fn render_ruleset(fw: &Firewall) -> Value {
 
     cmds.extend(guest_sets(&fw.guests, &fw.vips));
     cmds.extend(antispoof_rules());
+    cmds.push(segment_rule());
     cmds.extend(vip_pinning(&fw.vips));
 
     let uplink_in = || matches("==", meta("iifname"), json!(fw.uplink));
@@ -612,6 +638,7 @@ mod tests {
         let sets: Vec<&Value> = cmds(&doc)
             .iter()
             .filter_map(|c| c["add"].get("set"))
+            .filter(|s| s["name"] != "vip4_addrs" && s["name"] != "vip6_addrs")
             .collect();
         assert_eq!(sets.len(), 3, "guest4, guest6 and the VIPs");
         assert_eq!(sets[0]["name"], "guest4");
@@ -629,8 +656,12 @@ mod tests {
         assert_eq!(sets[1]["elem"], json!([{"concat": ["vb2", "fd00::2"]}]));
 
         let pre = rules_in(&doc, "prerouting_filter");
-        assert_eq!(pre.len(), 3, "three rules whatever the number of guests");
-        for r in &pre {
+        assert_eq!(pre.len(), 4, "four rules whatever the number of guests");
+        // The last: nothing arriving on a segment bridge reaches the host.
+        assert_eq!(pre[3]["expr"][0]["match"]["right"], "bs-*");
+        assert_eq!(pre[3]["expr"][1]["match"]["right"], "local");
+        let pre = &pre[..3];
+        for r in pre {
             assert_eq!(r["expr"][0]["match"]["right"], "vb*", "{r}");
             assert_eq!(
                 r["expr"].as_array().unwrap().last().unwrap(),

@@ -12,6 +12,7 @@
 mod error;
 mod firewall;
 mod link;
+mod nic;
 mod vip;
 
 pub use error::NetError;
@@ -23,6 +24,10 @@ pub use link::{
     CONTAINER_IFNAME, Forwarding, GuestLink, delete_link, enable_forwarding,
     enable_l4_multipath_hash, interface_exists, link_rx_packets, list_links, routes_within,
     setup_container_link, setup_host_side,
+};
+pub use nic::{
+    attach_port, bridge_ports, create_macvtap, ensure_segment_bridge, mac_bytes, open_macvtap,
+    remove_bridge_if_unused, setup_container_segment,
 };
 pub use vip::{
     PIN_MARK_BASE, PIN_MARK_MASK, RTPROT_BERTH, VipTarget, add_loopback_addrs,

@@ -70,7 +70,7 @@ pub(crate) fn runtime() -> Result<Runtime, NetError> {
 }
 
 /// A netlink connection whose socket lives in the calling thread's netns.
-fn connect_here(rt: &Runtime, netns: &str) -> Result<Handle, NetError> {
+pub(crate) fn connect_here(rt: &Runtime, netns: &str) -> Result<Handle, NetError> {
     let _guard = rt.enter();
     let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| NetError::Socket {
         netns: netns.to_string(),
@@ -129,7 +129,7 @@ pub(crate) fn errno(err: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
-fn check_ifname(name: &str) -> Result<(), NetError> {
+pub(crate) fn check_ifname(name: &str) -> Result<(), NetError> {
     let reason = if name.is_empty() {
         Some("empty")
     } else if name.len() > 15 {
@@ -154,7 +154,11 @@ fn check_ifname(name: &str) -> Result<(), NetError> {
 }
 
 /// Index of link `name`, or None if it does not exist.
-async fn link_index(handle: &Handle, name: &str, netns: &str) -> Result<Option<u32>, NetError> {
+pub(crate) async fn link_index(
+    handle: &Handle,
+    name: &str,
+    netns: &str,
+) -> Result<Option<u32>, NetError> {
     let mut links = handle.link().get().match_name(name.to_string()).execute();
     match links.try_next().await {
         Ok(Some(msg)) => Ok(Some(msg.header.index)),
@@ -188,7 +192,7 @@ pub(crate) async fn add_addr(
         .map_err(nl_err(format!("add address {addr}/{prefix}"), ifname))
 }
 
-async fn set_up(handle: &Handle, index: u32, ifname: &str) -> Result<(), NetError> {
+pub(crate) async fn set_up(handle: &Handle, index: u32, ifname: &str) -> Result<(), NetError> {
     handle
         .link()
         .set(LinkUnspec::new_with_index(index).up().build())
@@ -463,7 +467,11 @@ pub fn link_rx_packets(name: &str) -> Result<Option<u64>, NetError> {
     })
 }
 
-async fn delete_index(handle: &Handle, index: u32, name: &str) -> Result<bool, NetError> {
+pub(crate) async fn delete_index(
+    handle: &Handle,
+    index: u32,
+    name: &str,
+) -> Result<bool, NetError> {
     match handle.link().del(index).execute().await {
         Ok(()) => Ok(true),
         Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => Ok(false),

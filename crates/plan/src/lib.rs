@@ -14,6 +14,7 @@
 //! | present | `Partial` | `Replace` ("an earlier apply was interrupted") |
 //! | `kind`, `index` or addresses differ | any | `Replace` |
 //! | `rootfs`, `command`, `memory`, `cpus`, `env` differ | running | `Restart` |
+//! | an extra NIC added, removed, or its mode, parent, segment, MAC, address or PCI device changed (`nic[k]`, `nic[k].mac`, ...) | running | `Restart` |
 //! | only `autostart`, `restart`, `stop_timeout` differ | running | `Update` (live) |
 //! | same | running | unchanged |
 //! | same | stopped/failed/missing | `Start` if `autostart`, else unchanged |
@@ -554,6 +555,7 @@ fn diff_guest(old: &Guest, new: &Guest) -> Vec<Diff> {
     if let (Some(a), Some(b)) = (&old.vm, &new.vm) {
         diff_vm(&mut d, a, b);
     }
+    diff_nics(&mut d, &old.nics, &new.nics);
     // Backups are taken on demand: nothing running changes.
     let backup = |g: &Guest| {
         g.backup.as_ref().map_or("none".to_string(), |b| {
@@ -613,6 +615,62 @@ fn diff_guest(old: &Guest, new: &Guest) -> Vec<Diff> {
         Impact::Live,
     );
     d
+}
+
+/// Extra NICs: each is wired when the guest starts (a macvtap or segment
+/// port per NIC, the MAC in QEMU's argv), so every change restarts it,
+/// named per NIC: added or removed (`nic[2]`), or one field (`nic[1].mac`,
+/// `nic[1].parent`, ...).
+fn diff_nics(d: &mut Vec<Diff>, old: &[berth_spec::nic::Nic], new: &[berth_spec::nic::Nic]) {
+    use berth_spec::nic::NicKind;
+    for k in 0..old.len().max(new.len()) {
+        let field = format!("nic[{}]", k + 1);
+        match (old.get(k), new.get(k)) {
+            (Some(a), Some(b)) if a.mode() == b.mode() => {
+                let (pa, pb) = match (&a.kind, &b.kind) {
+                    (NicKind::Macvtap { parent: x, .. }, NicKind::Macvtap { parent: y, .. }) => {
+                        ("parent", (x.clone(), y.clone()))
+                    }
+                    (NicKind::Segment { segment: x, .. }, NicKind::Segment { segment: y, .. }) => {
+                        ("segment", (x.clone(), y.clone()))
+                    }
+                    (NicKind::Vfio { pci: x, bind: bx }, NicKind::Vfio { pci: y, bind: by }) => {
+                        diff(
+                            d,
+                            &format!("{field}.bind"),
+                            bx.to_string(),
+                            by.to_string(),
+                            Impact::Restart,
+                        );
+                        ("pci", (x.clone(), y.clone()))
+                    }
+                    _ => ("mode", (a.mode().to_string(), b.mode().to_string())),
+                };
+                diff(d, &format!("{field}.{pa}"), pb.0, pb.1, Impact::Restart);
+                let or_none = |v: Option<String>| v.unwrap_or_else(|| "none".into());
+                diff(
+                    d,
+                    &format!("{field}.mac"),
+                    or_none(a.mac.clone()),
+                    or_none(b.mac.clone()),
+                    Impact::Restart,
+                );
+                diff(
+                    d,
+                    &format!("{field}.addr"),
+                    or_none(a.addr.map(|x| x.to_string())),
+                    or_none(b.addr.map(|x| x.to_string())),
+                    Impact::Restart,
+                );
+            }
+            (a, b) => {
+                let show = |n: Option<&berth_spec::nic::Nic>| {
+                    n.map_or_else(|| "none".to_string(), |n| n.describe())
+                };
+                diff(d, &field, show(a), show(b), Impact::Restart);
+            }
+        }
+    }
 }
 
 /// VM fields: what QEMU was started with needs a restart; pinning is

@@ -648,6 +648,9 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
     if let Err(e) = berth_net::setup_container_link(&link_of(cfg), leader) {
         return Err(fail(&mut child, format!("network setup: {e}")));
     }
+    if let Err(e) = crate::nics::setup_container(cfg, leader) {
+        return Err(fail(&mut child, format!("network setup: {e}")));
+    }
     // A group member accepts its group's service addresses as its own.
     let vips: Vec<std::net::IpAddr> = cfg
         .vip4
@@ -804,6 +807,7 @@ fn cleanup(cfg: &Guest) {
     if let Err(e) = berth_net::delete_link(&cfg.link) {
         log(&format!("cleanup: deleting {}: {e}", cfg.link));
     }
+    crate::nics::cleanup(cfg);
 }
 
 /// The last `n` lines of a file, joined with " | ", for error messages.

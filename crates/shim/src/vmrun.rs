@@ -136,6 +136,12 @@ pub fn cmdline(cfg: &Guest, vm: &Vm, accel: berth_vm::Accel, tsc_khz: Option<u64
     if let Some(v) = cfg.vip6 {
         parts.push(format!("berth.vip6={v}"));
     }
+    // Addresses of extra NICs (`addr`), for the guest to apply.
+    if vm.ip_cmdline
+        && let Some(nic) = crate::nics::cmdline_arg(cfg)
+    {
+        parts.push(nic);
+    }
     if accel == berth_vm::Accel::Tcg
         && !parts.iter().any(|p| p.starts_with("tsc_early_khz="))
         && let Some(khz) = tsc_khz
@@ -252,6 +258,8 @@ pub fn start(
     let tap: OwnedFd = berth_vm::open_tap(&cfg.link).map_err(|e| e.to_string())?;
     berth_net::setup_host_side(&crate::supervisor::link_of(cfg))
         .map_err(|e| format!("network setup: {e}"))?;
+    // Extra NICs: macvtaps, segment ports, VFIO devices.
+    let nics = crate::nics::setup_vm(cfg)?;
 
     let qmp_path = paths.dir.join("qmp.sock");
     let _ = std::fs::remove_file(&qmp_path);
@@ -299,6 +307,7 @@ pub fn start(
         hugepages: vm.hugepages,
         mac: berth_vm::mac_for_index(cfg.index),
         tap_fd: 3,
+        nics: nics.args.clone(),
         qmp_socket: qmp_path.clone(),
         serial_socket: None,
         exec_socket: Some(paths.dir.join("exec.sock")),
@@ -327,6 +336,7 @@ pub fn start(
         });
     }
     crate::supervisor::guest_process(&mut cmd, fds);
+    nics.pass_to(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             "qemu-system-x86_64 not found: install qemu-system-x86".to_string()
@@ -336,6 +346,7 @@ pub fn start(
     })?;
     drop(procs);
     drop(tap);
+    drop(nics);
     let fail = |child: &mut Child, msg: String| {
         crate::supervisor::abort_start(child, &paths.console_log(), msg)
     };
@@ -438,6 +449,7 @@ mod tests {
             companion_of: None,
             vip4: None,
             vip6: None,
+            nics: vec![],
         };
         (g, vm)
     }

@@ -21,6 +21,7 @@
 mod error;
 mod group;
 pub mod image;
+pub mod nic;
 mod size;
 mod validate;
 pub mod vm;
@@ -199,6 +200,12 @@ pub struct GuestSpec {
     /// Companions only: member `i`'s companion gets index `index_base + i`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index_base: Option<u32>,
+    /// Extra NICs after the routed management link, in order (eth1, eth2,
+    /// ... in the guest): `[[guest.NAME.nic]]` with `mode = "macvtap"`
+    /// (`parent`), `"segment"` (`segment`) or `"vfio"` (`pci`, `bind`), and
+    /// optional `mac`, `addr`. Containers may join segments only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nic: Vec<nic::NicSpec>,
 }
 
 /// `[group.NAME]`: identical members behind one service address.

@@ -42,6 +42,12 @@ pub trait HostProbe {
     fn kvm(&self) -> Option<Result<(), String>> {
         None
     }
+    /// Why PCI device `pci` cannot be passed through to a VM (missing, not
+    /// bound to vfio-pci while `bind` is false, no IOMMU, an incomplete
+    /// IOMMU group); `None` = it can, or cannot tell.
+    fn vfio_problem(&self, _pci: &str, _bind: bool) -> Option<String> {
+        None
+    }
 }
 
 /// A probe that knows nothing: every path exists, interfaces are unknown.
@@ -133,6 +139,9 @@ pub struct Guest {
     pub vip4: Option<Ipv4Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vip6: Option<Ipv6Addr>,
+    /// Extra NICs (eth1, eth2, ... in the guest), see [`crate::nic`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<crate::nic::Nic>,
 }
 
 impl Guest {
@@ -353,6 +362,9 @@ pub fn validate(
             }
         }
     }
+
+    // One MAC per NIC, one VM per passed-through PCI device.
+    crate::nic::validate_across(&mut cx, &guests);
 
     // A writable rootfs is locked by systemd-nspawn for one container.
     let mut by_rootfs: BTreeMap<&Path, Vec<&Guest>> = BTreeMap::new();
@@ -800,11 +812,14 @@ fn validate_guest(
         .as_ref()
         .and_then(|h| crate::group::validate_health(cx, name, h));
 
+    let nics = crate::nic::validate_nics(cx, name, g, index, probe);
+
     if cx.errors.len() != before {
         return None;
     }
     let host = host?;
     Some(Guest {
+        nics,
         health,
         group: None,
         companion_of: None,

@@ -121,6 +121,10 @@ pub struct VmConfig {
     /// An already open tap fd that QEMU inherits under this number
     /// (`-netdev tap,fd=N`). Negative: the guest gets no NIC.
     pub tap_fd: i32,
+    /// Extra NICs after the management NIC, in order (eth1, eth2, ... in
+    /// the guest).
+    #[serde(default)]
+    pub nics: Vec<NicArg>,
     /// berth's QMP socket: the only monitor QEMU has.
     pub qmp_socket: PathBuf,
     /// Serial console as a listening unix socket (`server=on,wait=off`), or
@@ -141,6 +145,17 @@ pub struct VmConfig {
     /// `elevateprivileges=deny`: with `-runas` that kills QEMU with SIGSYS at
     /// start.
     pub sandbox: bool,
+}
+
+/// An extra NIC of a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NicArg {
+    /// A virtio NIC on an open tap fd QEMU inherits under `fd` (a macvtap's
+    /// `/dev/tapN`, or a tap in a segment's bridge).
+    Tap { fd: i32, mac: String },
+    /// PCI passthrough (`-device vfio-pci,host=ADDR`); q35 only.
+    Vfio { host: String },
 }
 
 /// A stable, unique, locally administered unicast MAC for guest `index`:
@@ -294,6 +309,23 @@ pub fn qemu_argv(c: &VmConfig) -> Vec<String> {
         let dev = format!("{net_dev},netdev=n0,mac={}", esc(&c.mac));
         push(&["-netdev", &nd, "-device", &dev]);
     }
+    // Extra NICs, in order after the management NIC: QEMU creates the
+    // devices in argv order (virtio-mmio transports on microvm, PCI slots
+    // on q35), so the guest numbers them eth1, eth2, ... in this order.
+    for (k, nic) in c.nics.iter().enumerate() {
+        let k = k + 1;
+        match nic {
+            NicArg::Tap { fd, mac } => {
+                let nd = format!("tap,id=n{k},fd={fd}");
+                let dev = format!("{net_dev},netdev=n{k},mac={}", esc(mac));
+                push(&["-netdev", &nd, "-device", &dev]);
+            }
+            NicArg::Vfio { host } => {
+                let dev = format!("vfio-pci,host={},id=hostnic{k}", esc(host));
+                push(&["-device", &dev]);
+            }
+        }
+    }
 
     let q35_cd = c.machine == Machine::Q35 && c.cdrom.is_some();
     if let (Machine::Q35, Some(iso)) = (c.machine, &c.cdrom) {
@@ -403,6 +435,7 @@ mod tests {
             hugepages: false,
             mac: mac_for_index(3),
             tap_fd: 3,
+            nics: vec![],
             qmp_socket: "/run/berth/web/qmp.sock".into(),
             serial_socket: Some("/run/berth/web/serial.sock".into()),
             exec_socket: None,
@@ -672,6 +705,50 @@ mod tests {
         let a = qemu_argv(&c);
         assert_eq!(one(&a, "-accel"), "tcg");
         assert_eq!(one(&a, "-cpu"), "max");
+    }
+
+    #[test]
+    fn extra_nics_follow_the_management_nic_in_order() {
+        let mut c = microvm();
+        c.nics = vec![
+            NicArg::Tap {
+                fd: 4,
+                mac: "52:54:12:34:56:01".into(),
+            },
+            NicArg::Tap {
+                fd: 5,
+                mac: "52:54:12:34:56:02".into(),
+            },
+        ];
+        let a = qemu_argv(&c);
+        assert_eq!(
+            values(&a, "-netdev"),
+            ["tap,id=n0,fd=3", "tap,id=n1,fd=4", "tap,id=n2,fd=5"]
+        );
+        assert_eq!(
+            values(&a, "-device"),
+            [
+                "virtio-net-device,netdev=n0,mac=52:54:00:be:00:03",
+                "virtio-net-device,netdev=n1,mac=52:54:12:34:56:01",
+                "virtio-net-device,netdev=n2,mac=52:54:12:34:56:02",
+            ]
+        );
+        // q35: virtio-net-pci, and a passed-through NIC as vfio-pci.
+        c.machine = Machine::Q35;
+        c.nics.push(NicArg::Vfio {
+            host: "0000:03:00.0".into(),
+        });
+        let a = qemu_argv(&c);
+        assert_eq!(
+            values(&a, "-device")[..4],
+            [
+                "virtio-net-pci,netdev=n0,mac=52:54:00:be:00:03",
+                "virtio-net-pci,netdev=n1,mac=52:54:12:34:56:01",
+                "virtio-net-pci,netdev=n2,mac=52:54:12:34:56:02",
+                "vfio-pci,host=0000:03:00.0,id=hostnic3",
+            ]
+        );
+        assert_eq!(values(&a, "-netdev").len(), 3, "vfio needs no netdev");
     }
 
     #[test]

@@ -37,10 +37,12 @@ mod pin;
 mod qmp;
 mod tap;
 mod user;
+pub mod vfio;
 
 pub use accel::{host_tsc_khz, kvm_usable, resolve_accel};
 pub use argv::{
-    Accel, Disk, DiskFormat, Firmware, Machine, VmConfig, inherit_fd, mac_for_index, qemu_argv,
+    Accel, Disk, DiskFormat, Firmware, Machine, NicArg, VmConfig, inherit_fd, mac_for_index,
+    qemu_argv,
 };
 pub use disk::ensure_disk;
 pub use error::{Result, VmError};

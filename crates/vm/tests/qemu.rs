@@ -73,6 +73,7 @@ fn config(dir: &Path, name: &str, tap_fd: i32) -> VmConfig {
         hugepages: false,
         mac: mac_for_index(7),
         tap_fd,
+        nics: vec![],
         qmp_socket: dir.join("qmp.sock"),
         serial_socket: Some(dir.join("serial.sock")),
         exec_socket: None,
