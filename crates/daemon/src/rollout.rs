@@ -87,6 +87,26 @@ fn drain(engine: &Engine, group: &Group, names: &[String]) -> Result<(), String>
         engine.set_drain(n, "rollout").map_err(|e| e.to_string())?;
     }
     crate::vip::reconcile(engine)?;
+    // The route moves only to a healthy member: if none is healthy right
+    // now (a probe timed out on a loaded host), wait for one rather than
+    // stop a member that still carries the service address.
+    if group.has_vip() && group.replicas > names.len() as u32 {
+        let deadline = Instant::now() + Duration::from_millis(group.healthy_deadline_ms);
+        if !wait_for(engine, deadline, || {
+            names.iter().all(|n| !engine.carries_vip(n))
+        }) {
+            for n in names {
+                let _ = engine.clear_drain(n);
+            }
+            return Err(format!(
+                "group {}: no other healthy member took over {} from {} within {}; nothing was stopped",
+                group.name,
+                group.vips(),
+                names.join(", "),
+                berth_plan::format_duration_ms(group.healthy_deadline_ms)
+            ));
+        }
+    }
     std::thread::sleep(Duration::from_millis(group.drain_ms));
     Ok(())
 }
