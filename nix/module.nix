@@ -47,6 +47,17 @@ let
       unhealthyAfter = opt types.ints.positive "Failures in a row to become unhealthy (default 2).";
     };
   };
+  nicType = types.submodule {
+    options = {
+      mode = mkOption { type = types.enum [ "macvtap" "segment" "vfio" ]; description = "macvtap on a host port, a private segment, or VFIO passthrough."; };
+      parent = opt types.str "macvtap: the host interface (already up).";
+      segment = opt types.str "segment: its name (guests naming the same one share an L2).";
+      pci = opt types.str "vfio: the PCI address, e.g. \"0000:03:00.0\".";
+      bind = opt types.bool "vfio: bind the device to vfio-pci if it is not.";
+      mac = opt types.str "MAC address (default: derived from guest name and position).";
+      addr = opt types.str "Containers on a segment: the address berth gives their interface.";
+    };
+  };
   backupType = types.submodule {
     options = {
       command = mkOption { type = types.listOf types.str; description = "Prints the configuration on stdout."; };
@@ -92,6 +103,7 @@ let
       cmdline = opt types.str "VM: kernel command line (with `config`: appended to the built system's).";
       ipCmdline = opt types.bool "VM: append ip=... (and berth.ip6/gw6) to the command line (berth's default: true).";
       disks = mkOption { type = types.listOf diskType; default = [ ]; description = "VM: disks."; };
+      nic = mkOption { type = types.listOf nicType; default = [ ]; description = "Extra NICs after the routed management link (eth1, eth2, ...)."; };
       seed = opt (types.attrsOf types.anything) "VM: pre-seeded volume, { kind = \"nocloud\"; userData = ...; } or { kind = \"files\"; label = \"CONFIG\"; files = { ... }; }.";
       cdrom = opt types.str "VM (q35): ISO image attached as a CD-ROM.";
       firmware = opt (types.enum [ "bios" "uefi" ]) "VM (q35): firmware.";

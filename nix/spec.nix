@@ -72,6 +72,7 @@ let
     exclusive = "exclusive";
     hugepages = "hugepages";
     seed = "seed";
+    nic = "nic";
     # any guest
     health = "health";
     backup = "backup";
@@ -87,6 +88,15 @@ let
     size = "size";
     format = "format";
     readOnly = "readonly";
+  };
+  nicFields = {
+    mode = "mode";
+    parent = "parent";
+    segment = "segment";
+    pci = "pci";
+    bind = "bind";
+    mac = "mac";
+    addr = "addr";
   };
   healthFields = {
     tcp = "tcp";
@@ -157,7 +167,7 @@ let
       listToAttrs (filter (kv: kv != null) (map
         (n:
           let v = valueOf n attrs.${n}; in
-          if n == "env" && v == { } || n == "disks" && v == [ ] || n == "companions" && v == [ ] then null
+          if n == "env" && v == { } || n == "disks" && v == [ ] || n == "companions" && v == [ ] || n == "nic" && v == [ ] then null
           else { name = fields.${n}; value = v; })
         set));
 
@@ -180,6 +190,12 @@ let
                 (i: translateGuest "${name} companions[${toString i}]" (builtins.elemAt v i))
                 (builtins.length v)
             else throw "berth (nix/spec.nix): guest ${name}: companions must be a list")
+          else if n == "nic" then
+            (if isList v then
+              builtins.genList
+                (i: translate "guest ${name}: nic[${toString i}]" nicFields (_: plain) (builtins.elemAt v i))
+                (builtins.length v)
+            else throw "berth (nix/spec.nix): guest ${name}: nic must be a list")
           else if n == "health" then translate "guest ${name}: health" healthFields (_: plain) v
           else if n == "backup" then translate "guest ${name}: backup" backupFields (_: plain) v
           else if n == "seed" then translate "guest ${name}: seed" seedFields (_: plain) v

@@ -22,6 +22,7 @@ import ../spec.nix {
       hugepages = false;
       restart = "on-failure";
       stopTimeout = "30s";
+      nic = [{ mode = "segment"; segment = "sync"; mac = "52:54:00:12:34:01"; parent = null; }];
       disks = [
         { path = "${root}/disks/router1.qcow2"; size = "8G"; format = "qcow2"; readOnly = null; }
         { path = "${root}/seed.img"; size = null; format = "raw"; readOnly = true; }
