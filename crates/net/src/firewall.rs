@@ -640,7 +640,7 @@ mod tests {
             .filter_map(|c| c["add"].get("set"))
             .filter(|s| s["name"] != "vip4_addrs" && s["name"] != "vip6_addrs")
             .collect();
-        assert_eq!(sets.len(), 3, "guest4, guest6 and the VIPs");
+        assert_eq!(sets.len(), 2, "guest4 and guest6 (VIP sets filtered out)");
         assert_eq!(sets[0]["name"], "guest4");
         assert_eq!(sets[0]["type"], json!(["ifname", "ipv4_addr"]));
         assert_eq!(
