@@ -21,4 +21,4 @@ fi
 
 echo "==> cargo test"
 if [ "${1:-}" = "--" ]; then shift; fi
-cargo test --workspace --quiet -- "$@"
+cargo test --workspace --no-fail-fast --quiet -- "$@"
