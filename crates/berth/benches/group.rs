@@ -109,22 +109,6 @@ fn all_healthy(b: &Berth, n: usize) {
     assert!(ok.is_some(), "members not healthy: {:?}", b.ps());
 }
 
-fn route_vip(b: &Berth, o: u8) {
-    let st = b
-        .net
-        .cmd_in_inet("ip")
-        .args([
-            "route",
-            "add",
-            &format!("10.{o}.1.0/24"),
-            "via",
-            b.net.uplink_addr(),
-        ])
-        .status()
-        .expect("ip route");
-    assert!(st.success());
-}
-
 struct Row {
     what: String,
     value: String,
@@ -135,7 +119,7 @@ struct Row {
 fn berth_runs(kind: &str, o: u8, rows: &mut Vec<Row>) {
     let tag = unique_tag(if kind == "vm" { "bv" } else { "bc" });
     let b = Berth::new(&tag);
-    route_vip(&b, o);
+    b.route_from_inet(&format!("10.{o}.1.0/24"), b.net.uplink_addr());
     let g = tag.replace('-', "");
     let vip = SocketAddr::from(([10, o, 1, 10], 80));
     apply(&b, "v1.toml", &group(&b, o, &g, kind, 2, 1));
@@ -348,22 +332,8 @@ fn keepalived_failover(advert: &str, tag: &str) -> Vec<Duration> {
             ),
         )
         .expect("conf");
-        let pid = |s: &str| v.dir.path().join(format!("{s}{i}.pid"));
-        let ka = in_ns(m, "keepalived")
-            .args(["-n", "-l", "-P", "-f"])
-            .arg(&conf)
-            .arg("-p")
-            .arg(pid("ka"))
-            .arg("-r")
-            .arg(pid("vrrp"))
-            .spawn()
-            .expect("keepalived (apt-get install keepalived)");
+        let (ka, httpd) = spawn_member(&v, i, m);
         v.procs.push(ka);
-        let httpd = in_ns(m, "busybox")
-            .args(["httpd", "-f", "-p", "80", "-h"])
-            .arg(&www)
-            .spawn()
-            .expect("busybox httpd");
         v.procs.push(httpd);
     }
     let serve = |who: &str| {
@@ -380,7 +350,7 @@ fn keepalived_failover(advert: &str, tag: &str) -> Vec<Duration> {
         // Master back on k1 (it preempts when it comes back).
         if run > 0 {
             ip(&members[0], &["link", "set", "e0", "up"]);
-            let (ka, httpd) = respawn(&v, 0, &members[0], advert);
+            let (ka, httpd) = spawn_member(&v, 0, &members[0]);
             v.procs[0] = ka;
             v.procs[1] = httpd;
         }
@@ -423,12 +393,9 @@ fn keepalived_failover(advert: &str, tag: &str) -> Vec<Duration> {
     times
 }
 
-fn respawn(
-    v: &Vrrp,
-    i: usize,
-    m: &str,
-    _advert: &str,
-) -> (std::process::Child, std::process::Child) {
+/// keepalived and httpd of member `i` (namespace `m`), from the files in
+/// the rig's directory.
+fn spawn_member(v: &Vrrp, i: usize, m: &str) -> (std::process::Child, std::process::Child) {
     let conf = v.dir.path().join(format!("k{i}.conf"));
     let pid = |s: &str| v.dir.path().join(format!("{s}{i}.pid"));
     let _ = std::fs::remove_file(pid("ka"));
@@ -441,12 +408,12 @@ fn respawn(
         .arg("-r")
         .arg(pid("vrrp"))
         .spawn()
-        .expect("keepalived");
+        .expect("keepalived (apt-get install keepalived)");
     let httpd = in_ns(m, "busybox")
         .args(["httpd", "-f", "-p", "80", "-h"])
         .arg(v.dir.path().join(format!("www{i}")))
         .spawn()
-        .expect("httpd");
+        .expect("busybox httpd");
     (ka, httpd)
 }
 

@@ -57,36 +57,10 @@ health = {{ http = "http://{{addr}}:80/", expect = 200, interval = "100ms", time
     )
 }
 
-/// Routes the VIP's /24 from the "internet" side to the host's uplink (in
-/// the test's own namespace).
+/// Routes the VIPs' networks from the "internet" side to the host's uplink.
 fn route_vip_from_inet(b: &Berth, o: u8) {
-    let st = b
-        .net
-        .cmd_in_inet("ip")
-        .args([
-            "-6",
-            "route",
-            "add",
-            &format!("fd42:{o:x}:1::/64"),
-            "via",
-            b.net.host_addr6(),
-        ])
-        .status()
-        .expect("ip -6 route");
-    assert!(st.success());
-    let st = b
-        .net
-        .cmd_in_inet("ip")
-        .args([
-            "route",
-            "add",
-            &format!("10.{o}.1.0/24"),
-            "via",
-            b.net.uplink_addr(),
-        ])
-        .status()
-        .expect("ip route");
-    assert!(st.success());
+    b.route_from_inet(&format!("10.{o}.1.0/24"), b.net.uplink_addr());
+    b.route_from_inet(&format!("fd42:{o:x}:1::/64"), b.net.host_addr6());
 }
 
 fn vip(o: u8) -> SocketAddr {
@@ -140,6 +114,21 @@ fn apply(b: &Berth, file: &str) -> (bool, String) {
     )
 }
 
+/// Waits until every guest's probe says healthy; panics with `ps` if not.
+fn all_healthy(b: &Berth, within: Duration) {
+    let ok = wait_until(within, Duration::from_millis(50), || {
+        b.ps()
+            .iter()
+            .all(|x| x.health.as_deref() == Some("healthy"))
+            .then_some(())
+    });
+    assert!(
+        ok.is_some(),
+        "not all healthy within {within:?}: {:?}",
+        b.ps()
+    );
+}
+
 fn no_failures(what: &str, r: &LoadReport) {
     eprintln!("{what}: {}", r.summary());
     assert!(r.sent() > 20, "{what}: too few requests: {}", r.summary());
@@ -177,17 +166,7 @@ fn group_vip_failover_rolling_update_revert_scale() {
     let p0 = ps.iter().find(|x| x.name == active).expect("active member");
     assert_eq!(p0.group.as_deref(), Some(g.as_str()));
     assert!(p0.serving.contains(&format!("10.{o}.1.10")), "{p0:?}");
-    assert!(
-        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
-            b.ps()
-                .iter()
-                .all(|x| x.health.as_deref() == Some("healthy"))
-                .then_some(())
-        })
-        .is_some(),
-        "{:?}",
-        b.ps()
-    );
+    all_healthy(&b, Duration::from_secs(10));
 
     // Unplanned failure: kill -9 the serving member's process tree leader.
     let l = load(&b, o);
@@ -296,17 +275,7 @@ fn group_vip_failover_rolling_update_revert_scale() {
     assert!(out.contains("reverted"), "{out}");
     no_failures("broken update", &r);
     // Both members back on v2 and healthy.
-    assert!(
-        wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
-            b.ps()
-                .iter()
-                .all(|x| x.health.as_deref() == Some("healthy"))
-                .then_some(())
-        })
-        .is_some(),
-        "{:?}",
-        b.ps()
-    );
+    all_healthy(&b, Duration::from_secs(15));
 
     // Scale 2 -> 3 -> 1 under load.
     let l = load(&b, o);
@@ -320,12 +289,7 @@ fn group_vip_failover_rolling_update_revert_scale() {
     );
     let (ok, out) = apply(&b, three);
     assert!(ok, "{out}");
-    assert!(
-        wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
-            (b.guest(&m2).health.as_deref() == Some("healthy")).then_some(())
-        })
-        .is_some()
-    );
+    all_healthy(&b, Duration::from_secs(15));
     let one = b.write("v2x1.toml", &group_spec(&b, o, &g, 1, "v2", ""));
     let one = one.to_str().expect("utf8");
     let plan = b.cli_ok(&["plan", one]);
@@ -611,15 +575,7 @@ health = {{ http = "http://{{addr}}:80/", interval = "200ms", timeout = "1s", he
     // answer for it.
     let first = wait_vip_within(&b, o, "vm-fixture", Duration::from_secs(240));
     assert!(first.contains(&g), "{first}");
-    let all_healthy = || {
-        wait_until(Duration::from_secs(240), Duration::from_millis(200), || {
-            b.ps()
-                .iter()
-                .all(|x| x.health.as_deref() == Some("healthy"))
-                .then_some(())
-        })
-    };
-    assert!(all_healthy().is_some(), "{:?}", b.ps());
+    all_healthy(&b, Duration::from_secs(240));
 
     // Rolling update of the VMs (a kernel command line change restarts
     // them) under load: no failed request.
@@ -637,7 +593,7 @@ health = {{ http = "http://{{addr}}:80/", interval = "200ms", timeout = "1s", he
     let r = l.stop();
     assert!(ok, "{out}");
     no_failures("rolling update of VMs", &r);
-    assert!(all_healthy().is_some(), "{:?}", b.ps());
+    all_healthy(&b, Duration::from_secs(240));
 
     // kill -9 of the serving member's QEMU: the VIP moves to the other VM.
     let serving = b

@@ -65,18 +65,10 @@ pub fn ensure_pin(
             } else {
                 rtnetlink::IpVersion::V4
             };
-            let rules: Vec<netlink_packet_route::rule::RuleMessage> = h
-                .rule()
-                .get(version)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(nl_err("list rules", "host netns"))?;
-            let have = rules.iter().any(|r| {
-                r.attributes.iter().any(|a| {
-                    matches!(a, netlink_packet_route::rule::RuleAttribute::FwMark(m) if *m == mark)
-                })
-            });
+            let have = fwmark_rules(&h, version)
+                .await?
+                .iter()
+                .any(|(m, _)| *m == mark);
             if !have {
                 let req = h
                     .rule()
@@ -122,24 +114,38 @@ pub fn ensure_pin(
     })
 }
 
+/// The policy rules of one family that match a fwmark, with the mark.
+async fn fwmark_rules(
+    h: &Handle,
+    version: rtnetlink::IpVersion,
+) -> Result<Vec<(u32, netlink_packet_route::rule::RuleMessage)>, NetError> {
+    let rules: Vec<netlink_packet_route::rule::RuleMessage> = h
+        .rule()
+        .get(version)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl_err("list rules", "host netns"))?;
+    Ok(rules
+        .into_iter()
+        .filter_map(|r| {
+            let mark = r.attributes.iter().find_map(|a| match a {
+                netlink_packet_route::rule::RuleAttribute::FwMark(m) => Some(*m),
+                _ => None,
+            })?;
+            Some((mark, r))
+        })
+        .collect())
+}
+
 /// Removes every pinning rule berth made (their tables empty themselves
 /// when the guest links go). Returns how many.
 pub fn remove_pins() -> Result<usize, NetError> {
     block_on(|h| async move {
         let mut n = 0;
         for version in [rtnetlink::IpVersion::V4, rtnetlink::IpVersion::V6] {
-            let rules: Vec<netlink_packet_route::rule::RuleMessage> = h
-                .rule()
-                .get(version)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(nl_err("list rules", "host netns"))?;
-            for r in rules {
-                let ours = r.attributes.iter().any(|a| {
-                    matches!(a, netlink_packet_route::rule::RuleAttribute::FwMark(m) if m & PIN_MARK_MASK == PIN_MARK_BASE)
-                });
-                if ours {
+            for (m, r) in fwmark_rules(&h, version).await? {
+                if m & PIN_MARK_MASK == PIN_MARK_BASE {
                     h.rule()
                         .del(r)
                         .execute()

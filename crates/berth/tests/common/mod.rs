@@ -139,6 +139,21 @@ impl Berth {
             .map_err(|e| e.to_string())
     }
 
+    /// Routes `net` from the test's "internet" namespace via `gateway` (the
+    /// host's uplink address), e.g. to reach a group's service address.
+    pub fn route_from_inet(&self, net: &str, gateway: &str) {
+        let st = self
+            .net
+            .cmd_in_inet("ip")
+            .args(["route", "add", net, "via", gateway])
+            .status()
+            .expect("ip route");
+        assert!(
+            st.success(),
+            "ip route add {net} via {gateway} in the internet netns"
+        );
+    }
+
     /// A raw HTTP request to the daemon; returns (status, body).
     pub fn http(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
         let mut s = UnixStream::connect(&self.socket).expect("connect daemon");
