@@ -9,6 +9,7 @@ mod health;
 mod http;
 mod images;
 mod rollout;
+mod stream_exec;
 mod vip;
 
 use std::os::unix::fs::PermissionsExt;
