@@ -7,8 +7,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
-use berth_testkit::{Cap, busybox_rootfs, copy_busybox_rootfs, require, unique_tag};
+use berth_testkit::{Cap, busybox_rootfs, copy_busybox_rootfs, require, unique_tag, wait_until};
 use common::{Berth, container, spec};
 
 const CAPS: &[Cap] = &[
@@ -74,7 +75,12 @@ fn nix_rootfs(dest: &Path) {
     for d in ["nix/store", "nix/var/nix", "etc/nix"] {
         std::fs::create_dir_all(dest.join(d)).expect("mkdir");
     }
-    std::fs::write(dest.join("etc/nix/nix.conf"), NIX_CONF).expect("nix.conf");
+    // Only the substituters berth gives (no cache.nixos.org: no internet).
+    std::fs::write(
+        dest.join("etc/nix/nix.conf"),
+        format!("{NIX_CONF}substituters =\n"),
+    )
+    .expect("nix.conf");
 }
 
 /// Builds a closure of three store paths on the host: `top` refers to a
@@ -183,6 +189,105 @@ fn copy_closure_into_a_container_without_network() {
     assert!(!nobody.status.success());
 
     // The host's store keeps no garbage from this test (best effort).
+    b.cli_ok(&["destroy", "--all", "--yes"]);
+    let _ = Command::new("nix-store")
+        .args(["--delete", &top, &big])
+        .env("NIX_CONFIG", NIX_CONF)
+        .output();
+}
+
+#[test]
+fn nix_cache_serves_the_host_store_to_a_guest() {
+    if !require("nix_cache_serves_the_host_store_to_a_guest", CAPS) {
+        return;
+    }
+    let tag = unique_tag("nc");
+    let b = Berth::new(&tag);
+    let rootfs = b.dir.path().join("rootfs-nix");
+    nix_rootfs(&rootfs);
+    let (top, big, big_sum) = make_closure(b.dir.path(), &tag);
+    let name = format!("{tag}-n");
+    let plain = format!("{tag}-p");
+    let guests = container(&name, 9, &rootfs, "nix_cache = true")
+        + &container(&plain, 10, &busybox_rootfs(), "");
+    let file = b.write("spec.toml", &spec(b.net.uplink(), 68, &guests));
+    let plan = b.cli_ok(&["plan", file.to_str().expect("utf8")]);
+    assert!(plan.contains(&name), "{plan}");
+    b.cli_ok(&["apply", "--yes", file.to_str().expect("utf8")]);
+
+    // The guest is told where the cache is; the host answers on its link.
+    let env = b.cli_ok(&[
+        "exec",
+        &name,
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo $BERTH_NIX_CACHE; echo $NIX_CONFIG",
+    ]);
+    assert!(env.contains("http://10.68.0.0:5480"), "{env}");
+    assert!(
+        env.contains("extra-substituters = http://10.68.0.0:5480"),
+        "{env}"
+    );
+    let fetch = |guest: &str, url: &str| {
+        b.cmd(&["exec", guest, "--", "wget", "-q", "-O", "-", url])
+            .output()
+            .expect("exec wget")
+    };
+    let info = wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
+        let o = fetch(&name, "http://10.68.0.0:5480/nix-cache-info");
+        o.status
+            .success()
+            .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+    })
+    .expect("the guest reaches the cache");
+    assert!(info.contains("StoreDir: /nix/store"), "{info}");
+    let hash = top
+        .trim_start_matches("/nix/store/")
+        .split('-')
+        .next()
+        .expect("hash part");
+    let narinfo = fetch(&name, &format!("http://10.68.0.0:5480/{hash}.narinfo"));
+    let narinfo = String::from_utf8_lossy(&narinfo.stdout);
+    assert!(narinfo.contains(&format!("StorePath: {top}")), "{narinfo}");
+    assert!(narinfo.contains("NarHash: sha256:"), "{narinfo}");
+    assert!(narinfo.contains("berth-e2e-big"), "references: {narinfo}");
+    // A guest that did not ask for the cache gets nothing.
+    let denied = fetch(&plain, "http://10.68.0.0:5480/nix-cache-info");
+    assert!(!denied.status.success());
+
+    // The guest's Nix substitutes the whole closure from the host (the
+    // top path is input-addressed and unsigned here, hence require-sigs).
+    let real = b.cli(&[
+        "exec",
+        &name,
+        "--",
+        "nix-store",
+        "--realise",
+        &top,
+        "--option",
+        "require-sigs",
+        "false",
+    ]);
+    assert_eq!(
+        real.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&real.stderr)
+    );
+    let check = b.cli(&[
+        "exec",
+        &name,
+        "--",
+        "nix-store",
+        "--verify-path",
+        &top,
+        &big,
+    ]);
+    assert_eq!(check.status.code(), Some(0));
+    let sum = b.cli_ok(&["exec", &name, "--", "sha256sum", &big]);
+    assert_eq!(sum.split_whitespace().next(), Some(big_sum.as_str()));
+
     b.cli_ok(&["destroy", "--all", "--yes"]);
     let _ = Command::new("nix-store")
         .args(["--delete", &top, &big])

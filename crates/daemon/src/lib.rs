@@ -8,6 +8,7 @@ pub mod engine;
 mod health;
 mod http;
 mod images;
+mod nix_cache;
 mod rollout;
 mod stream_exec;
 mod vip;
@@ -79,6 +80,8 @@ pub async fn serve(opts: Options) -> Result<(), DaemonError> {
 
     // Health probes and the service-address controller.
     tokio::spawn(health::monitor(Arc::clone(&engine)));
+    // The host's Nix store for guests with `nix_cache = true`.
+    tokio::spawn(nix_cache::run(Arc::clone(&engine)));
     {
         let engine = Arc::clone(&engine);
         if let Err(e) = std::thread::Builder::new()
