@@ -74,6 +74,7 @@ let
     seed = "seed";
     # any guest
     health = "health";
+    nixCache = "nix_cache";
     backup = "backup";
     # group templates
     companions = "companions";
