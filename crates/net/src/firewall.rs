@@ -540,7 +540,17 @@ mod tests {
             .filter_map(|c| c.get("add").and_then(|a| a.get("chain")))
             .collect();
         let names: Vec<&str> = chains.iter().map(|c| c["name"].as_str().unwrap()).collect();
-        assert_eq!(names, ["prerouting_filter", "forward", "postrouting"]);
+        // The fixture has a VIP, so the connection-pinning chains follow.
+        assert_eq!(
+            names,
+            [
+                "prerouting_filter",
+                "forward",
+                "postrouting",
+                "vip_pin_forward",
+                "vip_pin_prerouting"
+            ]
+        );
         for c in &chains {
             assert_eq!(c["policy"], "accept", "{c}");
         }
@@ -578,6 +588,7 @@ mod tests {
         let sets: Vec<&Value> = cmds(&doc)
             .iter()
             .filter_map(|c| c["add"].get("set"))
+            .filter(|s| s["name"] == "guest4" || s["name"] == "guest6")
             .collect();
         assert_eq!(sets.len(), 2);
         assert_eq!(sets[0]["name"], "guest4");
