@@ -71,6 +71,7 @@ let
       kind = mkOption { type = types.enum [ "container" "vm" ]; description = "container (systemd-nspawn) or vm (QEMU)."; };
       health = opt healthType "Health probe (shown in `berth ps`; group members must pass it to carry the service address).";
       backup = opt backupType "Configuration backup (`berth backup`).";
+      nixCache = opt types.bool "Serve the host's Nix store to the guest as a binary cache (http://<host address on its link>:5480); containers get NIX_CONFIG extra-substituters and BERTH_NIX_CACHE, VMs berth.nix_cache= on the kernel command line (berth's default: false).";
       config = mkOption {
         type = nullOr types.deferredModule;
         default = null;

@@ -75,6 +75,7 @@ let
     nic = "nic";
     # any guest
     health = "health";
+    nixCache = "nix_cache";
     backup = "backup";
     # group templates
     companions = "companions";

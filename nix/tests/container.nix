@@ -16,5 +16,6 @@ import ../spec.nix {
     stopTimeout = "5s";
     ephemeral = true;
     readOnly = false;
+    nixCache = true;
   };
 }

@@ -11,7 +11,7 @@ let
     machine = null; accel = null; kernel = null; initrd = null;
     cmdline = null; ipCmdline = null; disks = [ ]; cdrom = null;
     firmware = null; cpuPinning = null; emulatorCpus = null;
-    exclusive = null; hugepages = null;
+    exclusive = null; hugepages = null; nixCache = null;
   };
 in
 import ../spec.nix {

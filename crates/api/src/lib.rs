@@ -309,6 +309,24 @@ pub fn openapi() -> serde_json::Value {
                     "500": err("the command could not be run")
                 }
             } },
+            "/v1/guests/{name}/exec-stream": { "post": {
+                "summary": "run a command as root in a running guest with the request body (any length) as its stdin",
+                "description": "The body (`application/octet-stream`, may be chunked) is streamed to the command as it arrives (containers) or spooled to a temp file in the guest through exec and then fed to it (VMs: 1 MiB per guest-agent call, 2 KiB per console line). Used by `berth copy-closure` for `nix-store --import`.",
+                "operationId": "exec_stream",
+                "parameters": [
+                    name_param,
+                    { "name": "argv", "in": "query", "required": true, "schema": { "type": "string" }, "description": "the command, a JSON array of strings" },
+                    { "name": "timeout_secs", "in": "query", "required": false, "schema": { "type": "integer" }, "description": "kill the command after this many seconds (default 3600)" }
+                ],
+                "requestBody": { "required": false, "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } } },
+                "responses": {
+                    "200": ok(&exec_resp, "the command ran (whatever its exit code)"),
+                    "400": err("argv is not a JSON array of strings, or empty"),
+                    "404": err("no such guest"),
+                    "409": err("the guest is not running"),
+                    "500": err("the command could not be run")
+                }
+            } },
             "/v1/guests/{name}/exec-tty": { "get": {
                 "summary": "interactive exec in a container: a command on a pty, over an upgraded connection",
                 "description": "Send `Connection: Upgrade` and `Upgrade: berth-exec`. After `101 Switching Protocols` the client's bytes go to the command's terminal and its output comes back; the stream ends with `\\0BERTH-EXIT <code>\\n`. VMs: use the console.",

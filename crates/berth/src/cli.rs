@@ -137,6 +137,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    CopyClosure(crate::copy_closure::CopyClosure),
     /// Attach the terminal to a guest's console (container: its command's
     /// terminal; VM: its serial port). Detach with Ctrl-] (as in telnet and
     /// virsh). Several clients may watch; one at a time may type.
@@ -170,11 +171,17 @@ enum Cmd {
         identity: PathBuf,
     },
     /// Start a stopped guest.
-    Start { name: String },
+    Start {
+        name: String,
+    },
     /// Stop a guest (it stays stopped until `start` or the next `apply`).
-    Stop { name: String },
+    Stop {
+        name: String,
+    },
     /// Stop and start a guest.
-    Restart { name: String },
+    Restart {
+        name: String,
+    },
     /// Remove a guest, or with --all every guest and every host resource berth
     /// made (links, routes, nft table, cgroups, processes).
     Destroy {
@@ -255,6 +262,7 @@ pub fn run() -> Result<ExitCode> {
             user,
             json,
         } => exec(&client, &name, argv, timeout, user, json),
+        Cmd::CopyClosure(args) => crate::copy_closure::run(&client, args),
         Cmd::Console { name, read_only } => console(&cli.socket, &name, read_only),
         Cmd::Backup { args, json } => backup(&client, &args, json),
         Cmd::Restore {
@@ -740,7 +748,7 @@ fn restore(client: &Client, name: &str, file: &Path, identity: &Path) -> Result<
 }
 
 /// `%XX` for everything but unreserved characters (RFC 3986).
-fn percent_encode(s: &str) -> String {
+pub(crate) fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {

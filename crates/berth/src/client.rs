@@ -79,6 +79,11 @@ impl Client {
         req.push_str("\r\n");
         s.write_all(req.as_bytes())?;
         s.write_all(&payload)?;
+        Self::read_head(s)
+    }
+
+    /// Reads the status line and headers of the answer on `s`.
+    fn read_head(s: UnixStream) -> Result<(Head, BufReader<UnixStream>), ClientError> {
         let mut r = BufReader::new(s);
         let mut line = String::new();
         r.read_line(&mut line)?;
@@ -160,6 +165,64 @@ impl Client {
         let (head, mut r) = self.send(method, path, body)?;
         let mut all = Vec::new();
         Self::read_body(&head, &mut r, &mut |d| all.extend_from_slice(d))?;
+        if !(200..300).contains(&head.status) {
+            return Err(api_error(head.status, &all));
+        }
+        serde_json::from_slice(&all)
+            .map_err(|e| ClientError::Protocol(format!("{e}: {}", String::from_utf8_lossy(&all))))
+    }
+
+    /// POSTs everything `body` yields as the request body (chunked: any
+    /// length, nothing buffered) and parses the JSON answer. `on_sent` gets
+    /// the running byte count. If the daemon answers before the body is
+    /// through (the command ended early), its answer is what counts.
+    pub fn post_stream<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &mut dyn Read,
+        on_sent: &mut dyn FnMut(u64),
+    ) -> Result<T, ClientError> {
+        let mut s = UnixStream::connect(&self.socket).map_err(|source| ClientError::NoDaemon {
+            socket: self.socket.clone(),
+            source,
+        })?;
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: berth\r\nConnection: close\r\nAccept: application/json\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )?;
+        let mut buf = vec![0u8; 256 << 10];
+        let mut sent = 0u64;
+        let written: std::io::Result<()> = (|| {
+            loop {
+                let n = match body.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                write!(s, "{n:x}\r\n")?;
+                s.write_all(&buf[..n])?;
+                s.write_all(b"\r\n")?;
+                sent += n as u64;
+                on_sent(sent);
+            }
+            s.write_all(b"0\r\n\r\n")
+        })();
+        if written.is_err() {
+            // The daemon sees the body break off (not end): the command gets
+            // no complete input and fails instead of taking half of it.
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
+        let answer = Self::read_head(s).and_then(|(head, mut r)| {
+            let mut all = Vec::new();
+            Self::read_body(&head, &mut r, &mut |d| all.extend_from_slice(d))?;
+            Ok((head, all))
+        });
+        let (head, all) = match (answer, written) {
+            (Ok(a), _) => a,
+            (Err(e), Ok(())) => return Err(e),
+            (Err(_), Err(e)) => return Err(ClientError::Io(e)),
+        };
         if !(200..300).contains(&head.status) {
             return Err(api_error(head.status, &all));
         }

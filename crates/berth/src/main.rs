@@ -3,6 +3,7 @@
 
 mod cli;
 mod client;
+mod copy_closure;
 mod image_cmd;
 
 use std::process::ExitCode;

@@ -94,6 +94,35 @@ fn exec_one_mib(b: &Berth, name: &str, via: &str) {
     );
 }
 
+/// `len` bytes streamed as stdin through `exec-stream` (spooled into the VM
+/// in chunks, then fed to md5sum): the guest's md5 must be the host's.
+fn exec_stream_md5(b: &Berth, name: &str, len: usize, via: &str) {
+    use base64::Engine as _;
+    let data: String = (0..len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let t = std::time::Instant::now();
+    let (status, body) = b.http(
+        "POST",
+        &format!("/v1/guests/{name}/exec-stream?argv=%5B%22md5sum%22%5D"),
+        Some(&data),
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["exit_code"], 0, "{v}");
+    let out = base64::engine::general_purpose::STANDARD
+        .decode(v["stdout"].as_str().expect("stdout"))
+        .expect("base64");
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(
+        out.split_whitespace().next(),
+        Some(common::md5_hex(data.as_bytes()).as_str()),
+        "{v}"
+    );
+    eprintln!(
+        "{len} bytes of streamed stdin through the {via} in {:?}",
+        t.elapsed()
+    );
+}
+
 #[test]
 fn vms_and_a_container_routed_supervised_destroyed() {
     if !require("vms_and_a_container_routed_supervised_destroyed", CAPS) {
@@ -353,6 +382,7 @@ fn vm_pinning_and_q35_disk_boot() {
         "IT'S PIPED\n"
     );
     exec_one_mib(&b, &vp, "berth.exec port");
+    exec_stream_md5(&b, &vp, 5000, "berth.exec port");
 
     // Only berth's QMP socket, 0600.
     let qmp = b.state.join(format!("guests/{vp}/qmp.sock"));
@@ -561,6 +591,7 @@ fn vm_exec_through_the_guest_agent() {
     );
 
     exec_one_mib(&b, &name, "guest agent");
+    exec_stream_md5(&b, &name, 1_500_000, "guest agent");
     let sock = b.state.join(format!("guests/{name}/qga.sock"));
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&sock).expect("qga.sock").permissions(),

@@ -7,6 +7,16 @@
 //! `cgroup.kill` works — and limits go to the v1 `memory` and `cpu`
 //! hierarchies, with a warning. Where neither has a controller, the limit is
 //! skipped with a warning, never a crash.
+//!
+//! Where `berth/` lives in the v2 tree ([`Layout::v2_parent`]): at the root
+//! without systemd (today's behaviour); under systemd in the daemon's own
+//! unit, which delegates its subtree (`Delegate=yes` in berth.service), so
+//! `<v2>/system.slice/berth.service/berth/<guest>`, derived from
+//! `/proc/self/cgroup`; anywhere with `BERTH_CGROUP_PARENT` (a path in the
+//! v2 tree, e.g. `/system.slice/berth.service`). A cgroup with processes
+//! cannot hand controllers to children, so under systemd the daemon moves
+//! itself into `<unit>/daemon` at start ([`enter_delegated_leaf`]); the
+//! supervisors it starts inherit that leaf.
 
 use std::fs::File;
 use std::io::Write;
@@ -46,6 +56,9 @@ pub struct Layout {
     /// v1 `memory` and `cpu` mounts, if any.
     pub v1_memory: Option<PathBuf>,
     pub v1_cpu: Option<PathBuf>,
+    /// Where `berth/` is in the v2 tree, relative to its root: empty (the
+    /// root) or the daemon's systemd unit, e.g. `system.slice/berth.service`.
+    pub v2_parent: PathBuf,
 }
 
 impl Layout {
@@ -64,17 +77,81 @@ impl Layout {
             let p = base.join(c);
             (v2.as_deref() != Some(base) && p.join("cgroup.procs").exists()).then_some(p)
         };
+        let v2_parent = v2_parent(
+            std::env::var("BERTH_CGROUP_PARENT").ok().as_deref(),
+            Path::new("/run/systemd/system").is_dir(),
+            &std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
+        );
         Layout {
             v1_memory: v1("memory"),
             v1_cpu: v1("cpu"),
             v2,
             v2_controllers,
+            v2_parent,
         }
+    }
+
+    /// `<v2 root>/<v2_parent>/berth`, the parent of every guest's group.
+    pub fn v2_berth(&self) -> Option<PathBuf> {
+        self.v2
+            .as_ref()
+            .map(|r| r.join(&self.v2_parent).join("berth"))
     }
 
     fn v2_has(&self, controller: &str) -> bool {
         self.v2_controllers.iter().any(|c| c == controller)
     }
+}
+
+/// Where `berth/` goes in the v2 tree (relative to its root): `explicit`
+/// (`BERTH_CGROUP_PARENT`) if given; under systemd (`systemd`: PID 1 is
+/// systemd) the unit cgroup the process runs in, i.e. its v2 path from
+/// `/proc/self/cgroup` (`self_cgroup`) up to the last `.service` or
+/// `.scope` component (so `.../berth.service/daemon` still gives
+/// `.../berth.service`); otherwise, or when no unit shows, the root.
+pub fn v2_parent(explicit: Option<&str>, systemd: bool, self_cgroup: &str) -> PathBuf {
+    if let Some(p) = explicit.map(str::trim).filter(|p| !p.is_empty()) {
+        return PathBuf::from(p.trim_start_matches('/'));
+    }
+    if !systemd {
+        return PathBuf::new();
+    }
+    let Some(path) = self_cgroup.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return PathBuf::new();
+    };
+    let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    match parts
+        .iter()
+        .rposition(|c| c.ends_with(".service") || c.ends_with(".scope"))
+    {
+        Some(i) => parts[..=i].iter().collect(),
+        None => PathBuf::new(),
+    }
+}
+
+/// Under systemd (berth's group parent is a unit's delegated cgroup), moves
+/// the calling process from the unit's cgroup into `<unit>/daemon`, so the
+/// unit's cgroup has no processes of its own and can enable controllers
+/// for `berth/`. Returns the leaf joined; `None` when there is nothing to
+/// do (no systemd, no cgroup2, or already in a child group).
+pub fn enter_delegated_leaf() -> Result<Option<PathBuf>, CgroupError> {
+    let l = Layout::detect();
+    let (Some(root), false) = (&l.v2, l.v2_parent.as_os_str().is_empty()) else {
+        return Ok(None);
+    };
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("");
+    if Path::new(own.trim_start_matches('/')) != l.v2_parent {
+        return Ok(None);
+    }
+    let leaf = root.join(&l.v2_parent).join("daemon");
+    std::fs::create_dir_all(&leaf).map_err(io(&leaf, "create"))?;
+    let procs = leaf.join("cgroup.procs");
+    write_file(&procs, &std::process::id().to_string()).map_err(io(&procs, "join"))?;
+    Ok(Some(leaf))
 }
 
 fn is_cgroup2(p: &Path) -> bool {
@@ -102,7 +179,7 @@ impl Cgroup {
     pub fn with_layout(layout: Layout, name: &str) -> Cgroup {
         let at = |root: &Option<PathBuf>| root.as_ref().map(|r| r.join("berth").join(name));
         Cgroup {
-            v2: at(&layout.v2),
+            v2: layout.v2_berth().map(|b| b.join(name)),
             v1_memory: at(&layout.v1_memory),
             v1_cpu: at(&layout.v1_cpu),
             layout,
@@ -119,20 +196,32 @@ impl Cgroup {
     /// Creates the groups (idempotent) and enables the v2 controllers berth
     /// uses for children of `berth/`.
     pub fn create(&self) -> Result<(), CgroupError> {
-        if let (Some(root), Some(_)) = (&self.layout.v2, &self.v2) {
-            let parent = root.join("berth");
+        if let (Some(root), Some(parent), Some(_)) =
+            (&self.layout.v2, self.layout.v2_berth(), &self.v2)
+        {
             std::fs::create_dir_all(&parent).map_err(io(&parent, "create"))?;
             let wanted: Vec<&str> = ["memory", "cpu", "pids"]
                 .into_iter()
                 .filter(|c| self.layout.v2_has(c))
                 .collect();
+            // The root, each group down to the parent (under systemd: the
+            // slice, which systemd manages, and the delegated unit), and
+            // `berth/` itself.
+            let mut chain = vec![root.clone()];
+            let mut at = root.clone();
+            for c in self.layout.v2_parent.components() {
+                at = at.join(c);
+                chain.push(at.clone());
+            }
+            chain.push(parent.clone());
             for c in &wanted {
-                // Best effort: the root must delegate a controller before
-                // `berth/` can (it may not, e.g. in a delegated subtree).
-                // What did not get enabled shows up as a missing
-                // `memory.max`/`cpu.max`, and set_limits falls back or warns.
-                let _ = write_file(&root.join("cgroup.subtree_control"), &format!("+{c}"));
-                let _ = write_file(&parent.join("cgroup.subtree_control"), &format!("+{c}"));
+                // Best effort: a group must get a controller from its parent
+                // before it can hand it on (systemd enables them down to a
+                // delegated unit). What did not get enabled shows up as a
+                // missing `memory.max`/`cpu.max`; set_limits falls back or warns.
+                for g in &chain {
+                    let _ = write_file(&g.join("cgroup.subtree_control"), &format!("+{c}"));
+                }
             }
         }
         for d in self.dirs() {
@@ -301,8 +390,11 @@ impl Cgroup {
 pub fn remove_parents_if_empty() -> Vec<PathBuf> {
     let l = Layout::detect();
     let mut removed = Vec::new();
-    for root in [l.v2, l.v1_memory, l.v1_cpu].into_iter().flatten() {
-        let p = root.join("berth");
+    let v1 = [&l.v1_memory, &l.v1_cpu]
+        .into_iter()
+        .flatten()
+        .map(|r| r.join("berth"));
+    for p in l.v2_berth().into_iter().chain(v1) {
         // rmdir fails (ENOTEMPTY/EBUSY) while a child group exists: fine.
         if p.is_dir() && std::fs::remove_dir(&p).is_ok() {
             removed.push(p);
@@ -383,6 +475,7 @@ mod tests {
             v2_controllers: vec!["memory".into(), "cpu".into()],
             v1_memory: None,
             v1_cpu: None,
+            v2_parent: PathBuf::new(),
         };
         let c = Cgroup::with_layout(l, "db1");
         assert_eq!(c.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/berth/db1")));
@@ -396,6 +489,7 @@ mod tests {
             v2_controllers: vec![],
             v1_memory: Some("/sys/fs/cgroup/memory".into()),
             v1_cpu: Some("/sys/fs/cgroup/cpu".into()),
+            v2_parent: PathBuf::new(),
         };
         let c = Cgroup::with_layout(l, "db1");
         assert_eq!(
@@ -416,11 +510,70 @@ mod tests {
             v2_controllers: vec![],
             v1_memory: None,
             v1_cpu: None,
+            v2_parent: PathBuf::new(),
         };
         let c = Cgroup::with_layout(l, "x");
         let w = c.set_limits(Some(1 << 27), Some(1.0)).expect("limits");
         assert_eq!(w.len(), 2, "{w:?}");
         assert!(c.pids().is_empty());
         c.remove().expect("remove nothing");
+    }
+
+    #[test]
+    fn under_systemd_guests_live_in_the_daemons_unit() {
+        let l = Layout {
+            v2: Some("/sys/fs/cgroup".into()),
+            v2_controllers: vec!["memory".into()],
+            v1_memory: None,
+            v1_cpu: None,
+            v2_parent: "system.slice/berth.service".into(),
+        };
+        let c = Cgroup::with_layout(l, "db1");
+        assert_eq!(
+            c.v2.as_deref(),
+            Some(Path::new(
+                "/sys/fs/cgroup/system.slice/berth.service/berth/db1"
+            ))
+        );
+    }
+
+    #[test]
+    fn parent_is_derived_from_proc_self_cgroup_under_systemd_only() {
+        let unit = "0::/system.slice/berth.service\n";
+        // Without systemd: the root, as before.
+        assert_eq!(v2_parent(None, false, unit), PathBuf::new());
+        // The daemon in its unit, or already moved into the `daemon` leaf,
+        // and a supervisor it started: all the same parent.
+        assert_eq!(
+            v2_parent(None, true, unit),
+            PathBuf::from("system.slice/berth.service")
+        );
+        assert_eq!(
+            v2_parent(None, true, "0::/system.slice/berth.service/daemon\n"),
+            PathBuf::from("system.slice/berth.service")
+        );
+        // Hybrid hosts list v1 hierarchies too; only the `0::` line counts.
+        assert_eq!(
+            v2_parent(
+                None,
+                true,
+                "12:memory:/system.slice/berth.service\n1:name=systemd:/x\n0::/system.slice/berth.service\n"
+            ),
+            PathBuf::from("system.slice/berth.service")
+        );
+        // Started by hand in a session scope: that scope.
+        assert_eq!(
+            v2_parent(None, true, "0::/user.slice/user-0.slice/session-3.scope\n"),
+            PathBuf::from("user.slice/user-0.slice/session-3.scope")
+        );
+        // No unit in the path, or no cgroup2 line: the root.
+        assert_eq!(v2_parent(None, true, "0::/\n"), PathBuf::new());
+        assert_eq!(v2_parent(None, true, "4:cpu:/x\n"), PathBuf::new());
+        // BERTH_CGROUP_PARENT wins, with or without systemd.
+        assert_eq!(
+            v2_parent(Some("/machine.slice/berth"), false, unit),
+            PathBuf::from("machine.slice/berth")
+        );
+        assert_eq!(v2_parent(Some("  "), false, unit), PathBuf::new());
     }
 }

@@ -205,13 +205,13 @@ impl Engine {
         GuestPaths::new(&self.state_dir, guest)
     }
 
-    fn record(&self, name: &str) -> Result<GuestRecord, EngineError> {
+    pub(crate) fn record(&self, name: &str) -> Result<GuestRecord, EngineError> {
         self.store
             .guest(name)?
             .ok_or_else(|| EngineError::NoSuchGuest(name.to_owned()))
     }
 
-    fn applied(&self, rec: &GuestRecord) -> Result<Guest, EngineError> {
+    pub(crate) fn applied(&self, rec: &GuestRecord) -> Result<Guest, EngineError> {
         serde_json::from_str(&rec.config_json)
             .map_err(|e| EngineError::guest(&rec.name, format!("stored config is unreadable: {e}")))
     }
@@ -892,8 +892,6 @@ impl Engine {
         timeout: Duration,
         user: Option<&str>,
     ) -> Result<(ExecOutput, &'static str), EngineError> {
-        use std::io::{Read, Write};
-        use std::os::unix::process::ExitStatusExt;
         let rec = self.record(name)?;
         let g = self.applied(&rec)?;
         if g.vm.is_some() {
@@ -908,64 +906,9 @@ impl Engine {
             return self.exec_console(name, argv, &stdin, timeout);
         }
         let pid = self.running_leader(name, &[ShimState::Running])?;
-        let mut child = self
-            .enter(name, pid, user, &g)?
-            .args(argv)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| EngineError::guest(name, format!("running nsenter (util-linux): {e}")))?;
-        let mut input = child.stdin.take();
-        let feeder = std::thread::spawn(move || {
-            if let Some(w) = input.as_mut() {
-                let _ = w.write_all(&stdin);
-            }
-        });
-        let reader = |r: Option<Box<dyn Read + Send>>| {
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                if let Some(mut r) = r {
-                    let _ = r.read_to_end(&mut buf);
-                }
-                buf
-            })
-        };
-        let out = reader(
-            child
-                .stdout
-                .take()
-                .map(|r| Box::new(r) as Box<dyn Read + Send>),
-        );
-        let err = reader(
-            child
-                .stderr
-                .take()
-                .map(|r| Box::new(r) as Box<dyn Read + Send>),
-        );
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(st)) => break st,
-                Ok(None) if Instant::now() > deadline => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(EngineError::guest(
-                        name,
-                        format!("exec timed out after {timeout:?}; the command was killed"),
-                    ));
-                }
-                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-                Err(e) => return Err(EngineError::guest(name, format!("waiting for exec: {e}"))),
-            }
-        };
-        let _ = feeder.join();
-        let stdout = out.join().unwrap_or_default();
-        let stderr = err.join().unwrap_or_default();
-        let code = status
-            .code()
-            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-        Ok(((code, stdout, stderr), "nsenter"))
+        let cmd = self.enter(name, pid, user, &g)?;
+        crate::stream_exec::run_with_stdin(name, cmd, argv, std::io::Cursor::new(stdin), timeout)
+            .map(|r| (r, "nsenter"))
     }
 
     /// exec through the VM's QEMU guest agent; `None` when no agent answers
@@ -1192,7 +1135,11 @@ impl Engine {
 
     /// The leader PID of guest `name` if its supervisor reports one of
     /// `states`; otherwise a conflict that says how to start it.
-    fn running_leader(&self, name: &str, states: &[ShimState]) -> Result<i32, EngineError> {
+    pub(crate) fn running_leader(
+        &self,
+        name: &str,
+        states: &[ShimState],
+    ) -> Result<i32, EngineError> {
         let live = client::status(&self.paths(name));
         match live
             .as_ref()
@@ -1212,7 +1159,7 @@ impl Engine {
     /// `nsenter` into all namespaces of container `name` (leader `pid`), as
     /// `user` (default root), with the container's environment; the caller
     /// appends the command.
-    fn enter(
+    pub(crate) fn enter(
         &self,
         name: &str,
         pid: i32,

@@ -21,8 +21,8 @@ use tokio::sync::{Mutex, mpsc};
 use crate::engine::{Engine, EngineError, LocalProbe};
 
 #[derive(Clone)]
-struct App {
-    engine: Arc<Engine>,
+pub(crate) struct App {
+    pub(crate) engine: Arc<Engine>,
     /// One apply (or destroy) at a time.
     apply_lock: Arc<Mutex<()>>,
 }
@@ -38,6 +38,10 @@ pub fn router(engine: Arc<Engine>, apply_lock: Arc<Mutex<()>>) -> axum::Router {
         .route("/v1/guests/{name}/restart", post(restart))
         .route("/v1/guests/{name}/logs", get(logs))
         .route("/v1/guests/{name}/exec", post(exec))
+        .route(
+            "/v1/guests/{name}/exec-stream",
+            post(crate::stream_exec::handler),
+        )
         .route("/v1/guests/{name}/console", get(console))
         .route("/v1/guests/{name}/exec-tty", get(exec_tty))
         .route("/v1/guests/{name}/backup", post(backup))
@@ -55,13 +59,13 @@ pub fn router(engine: Arc<Engine>, apply_lock: Arc<Mutex<()>>) -> axum::Router {
         .with_state(app)
 }
 
-struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     body: ErrorBody,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, msg: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, msg: impl Into<String>) -> ApiError {
         ApiError {
             status,
             body: ErrorBody {
@@ -101,7 +105,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
 ) -> Result<T, ApiError> {
     match tokio::task::spawn_blocking(f).await {

@@ -8,7 +8,9 @@ pub mod engine;
 mod health;
 mod http;
 mod images;
+mod nix_cache;
 mod rollout;
+mod stream_exec;
 mod vip;
 
 use std::os::unix::fs::PermissionsExt;
@@ -51,6 +53,17 @@ pub async fn serve(opts: Options) -> Result<(), DaemonError> {
             path: opts.socket.clone(),
         });
     }
+    // Under systemd: out of the unit's own cgroup, so berth's guest groups
+    // can live in its delegated subtree (see berth_container::cgroup).
+    match berth_container::cgroup::enter_delegated_leaf() {
+        Ok(Some(leaf)) => {
+            tracing::info!(cgroup = %leaf.display(), "moved into a leaf of the unit's delegated cgroup")
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(
+            "cannot leave the unit's own cgroup: {e}; guests' memory/cpu limits may not apply"
+        ),
+    }
     let store = berth_store::Store::open(&opts.state_dir)?;
     let exe = std::env::current_exe().map_err(DaemonError::Exe)?;
     let listener = bind(&opts.socket)?;
@@ -78,6 +91,8 @@ pub async fn serve(opts: Options) -> Result<(), DaemonError> {
 
     // Health probes and the service-address controller.
     tokio::spawn(health::monitor(Arc::clone(&engine)));
+    // The host's Nix store for guests with `nix_cache = true`.
+    tokio::spawn(nix_cache::run(Arc::clone(&engine)));
     {
         let engine = Arc::clone(&engine);
         if let Err(e) = std::thread::Builder::new()

@@ -563,6 +563,14 @@ fn diff_guest(old: &Guest, new: &Guest) -> Vec<Diff> {
         })
     };
     diff(&mut d, "backup", backup(old), backup(new), Impact::Live);
+    // The guest learns the cache's URL at start (env, kernel command line).
+    diff(
+        &mut d,
+        "nix_cache",
+        flag(old.nix_cache),
+        flag(new.nix_cache),
+        Impact::Restart,
+    );
     // The probe runs in the daemon: nothing in the guest changes.
     let health = |g: &Guest| {
         g.health.as_ref().map_or("none".to_string(), |h| {

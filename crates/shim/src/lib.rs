@@ -8,6 +8,7 @@
 pub mod client;
 mod console;
 mod images;
+pub mod machined;
 pub mod nics;
 pub mod paths;
 pub mod proto;

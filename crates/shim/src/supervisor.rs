@@ -521,6 +521,9 @@ fn supervise(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) {
         let _ = std::fs::remove_file(shared.paths.dir.join("exec.sock"));
         let _ = std::fs::remove_file(shared.paths.dir.join("qga.sock"));
         cleanup(cfg);
+        if cfg.vm.is_some() {
+            crate::machined::unregister(systemd_available(), &cfg.name);
+        }
         let stopping = shared.stop.load(Ordering::SeqCst);
         let failed = !matches!(&outcome, Ok(i) if i.success());
         shared.update(|s| {
@@ -704,6 +707,10 @@ fn start_vm(cfg: &Guest, vm: &berth_spec::vm::Vm, shared: &Arc<Shared>) -> Resul
         "VM running: qemu pid {pid}, accel {accel}, {}",
         cfg.addresses().join(" ")
     ));
+    if let Err(e) = crate::machined::register(systemd_available(), &cfg.name, pid as u32, &cfg.link)
+    {
+        log(&format!("warning: {e}"));
+    }
     *shared.qmp.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.qmp);
     *shared.exec_chan.lock().unwrap_or_else(|p| p.into_inner()) = started.exec;
     *shared.qga.lock().unwrap_or_else(|p| p.into_inner()) = started.qga.map(crate::qga::Qga::new);

@@ -142,6 +142,14 @@ pub fn cmdline(cfg: &Guest, vm: &Vm, accel: berth_vm::Accel, tsc_khz: Option<u64
     {
         parts.push(nic);
     }
+    // The host's Nix store as a binary cache (`nix_cache = true`); the
+    // guest's own configuration turns it into a substituter.
+    if cfg.nix_cache {
+        parts.push(format!(
+            "berth.nix_cache={}",
+            berth_spec::nix_cache_url(cfg.host4)
+        ));
+    }
     if accel == berth_vm::Accel::Tcg
         && !parts.iter().any(|p| p.starts_with("tsc_early_khz="))
         && let Some(khz) = tsc_khz
@@ -450,6 +458,7 @@ mod tests {
             vip4: None,
             vip6: None,
             nics: vec![],
+            nix_cache: false,
         };
         (g, vm)
     }
@@ -473,6 +482,16 @@ mod tests {
         assert_eq!(
             cmdline(&g, &vm, berth_vm::Accel::Tcg, Some(1)),
             "console=ttyS0 tsc_early_khz=5"
+        );
+    }
+
+    #[test]
+    fn cmdline_tells_the_guest_where_the_nix_cache_is() {
+        let (mut g, vm) = guest(false, "console=ttyS0");
+        g.nix_cache = true;
+        assert_eq!(
+            cmdline(&g, &vm, berth_vm::Accel::Kvm, None),
+            "console=ttyS0 berth.nix_cache=http://10.0.0.0:5480"
         );
     }
 }

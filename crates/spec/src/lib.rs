@@ -22,6 +22,7 @@ mod error;
 mod group;
 pub mod image;
 pub mod nic;
+mod nix_cache;
 mod size;
 mod validate;
 pub mod vm;
@@ -34,6 +35,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::{SpecError, format_errors};
 pub use group::{Group, Health, Probe};
+pub use nix_cache::{NIX_CACHE_PORT, nix_cache_url};
 pub use size::{ByteSize, ParseSizeError};
 pub use validate::{
     DEFAULT_COMMAND, DEFAULT_STOP_TIMEOUT_MS, Desired, Guest, Host, HostProbe, MIN_MEMORY, NoProbe,
@@ -181,6 +183,14 @@ pub struct GuestSpec {
     /// config.xml on a USB disk).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<image::SeedSpec>,
+    /// Serve this host's Nix store to the guest as a binary cache at
+    /// `http://<host address on its link>:5480` (see [`NIX_CACHE_PORT`])
+    /// and point the guest's Nix at it: containers get `NIX_CONFIG`
+    /// (`extra-substituters = URL`) and `BERTH_NIX_CACHE=URL` in their
+    /// environment, VMs `berth.nix_cache=URL` on their kernel command line.
+    /// Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nix_cache: Option<bool>,
     /// Health probe, e.g. `{ tcp = 80 }`,
     /// `{ http = "http://{addr}:80/health", expect = 200 }` or
     /// `{ exec = ["pgrep", "httpd"] }`, with `interval`, `timeout`,

@@ -134,6 +134,10 @@ pub struct Guest {
     /// The member this companion belongs to (started and stopped with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub companion_of: Option<String>,
+    /// The daemon serves the host's Nix store to this guest as a binary
+    /// cache ([`crate::nix_cache_url`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nix_cache: bool,
     /// Service addresses the guest accepts as local (its group's VIPs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vip4: Option<Ipv4Addr>,
@@ -818,8 +822,14 @@ fn validate_guest(
         return None;
     }
     let host = host?;
+    let nix_cache = g.nix_cache.unwrap_or(false);
+    let mut env = g.env.clone();
+    if nix_cache && vm.is_none() {
+        crate::nix_cache::guest_env(&mut env, host.subnet4.network());
+    }
     Some(Guest {
         nics,
+        nix_cache,
         health,
         group: None,
         companion_of: None,
@@ -838,7 +848,7 @@ fn validate_guest(
         cpus: g.cpus,
         autostart: g.autostart.unwrap_or(true),
         restart: g.restart.unwrap_or_default(),
-        env: g.env.clone(),
+        env,
         stop_timeout_ms,
         ephemeral: g.ephemeral.unwrap_or(false),
         read_only: g.read_only.unwrap_or(false),

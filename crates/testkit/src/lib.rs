@@ -71,10 +71,12 @@ pub enum Cap {
     /// A static busybox at /bin/busybox (busybox-static), needed by
     /// [`TestNet`] and [`busybox_rootfs`].
     Busybox,
+    /// `nix-store --version` works (Debian: nix-bin).
+    Nix,
 }
 
 impl Cap {
-    const ALL: [Cap; 7] = [
+    const ALL: [Cap; 8] = [
         Cap::Root,
         Cap::Netns,
         Cap::Nspawn,
@@ -82,6 +84,7 @@ impl Cap {
         Cap::Qemu,
         Cap::Curl,
         Cap::Busybox,
+        Cap::Nix,
     ];
 
     fn slot(self) -> usize {
@@ -90,7 +93,7 @@ impl Cap {
 
     /// `Ok(())` if present, else why not. Probed once per process.
     pub fn check(self) -> Result<(), String> {
-        static CACHE: [OnceLock<Result<(), String>>; 7] = [const { OnceLock::new() }; 7];
+        static CACHE: [OnceLock<Result<(), String>>; 8] = [const { OnceLock::new() }; 8];
         CACHE[self.slot()].get_or_init(|| self.probe()).clone()
     }
 
@@ -109,6 +112,7 @@ impl Cap {
             Cap::Nft => probe_version("nft"),
             Cap::Qemu => probe_version("qemu-system-x86_64"),
             Cap::Curl => probe_version("curl"),
+            Cap::Nix => probe_version("nix-store"),
             Cap::Busybox => {
                 if Path::new("/bin/busybox").is_file() {
                     Ok(())
