@@ -390,9 +390,10 @@ fn logs_show_console_and_supervisor_and_follow() {
     assert!(sup.contains("guest running"), "{sup}");
     let last = b.cli_ok(&["logs", "-n", "1", &name]);
     assert_eq!(last.lines().count(), 1, "{last}");
-    // --since: the first lines are more than 2 s old once tick 15 is out.
-    wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
-        b.cli_ok(&["logs", &name]).contains("tick 15").then_some(())
+    // --since: the first lines are more than 2 s old once tick 25 is out
+    // (5 s of ticks: margin for whole-second timestamps on a loaded host).
+    wait_until(Duration::from_secs(30), Duration::from_millis(200), || {
+        b.cli_ok(&["logs", &name]).contains("tick 25").then_some(())
     })
     .expect("ticks");
     let recent = b.cli_ok(&["logs", "--since", "2s", &name]);
