@@ -114,6 +114,23 @@ fn apply(b: &Berth, file: &str) -> (bool, String) {
     )
 }
 
+/// `berth plan` says the update rolls with the service up; `berth apply`
+/// under continuous load loses no request.
+fn rolling_update_under_load(b: &Berth, o: u8, file: &str, what: &str) {
+    let plan = b.cli_ok(&["plan", file]);
+    assert!(
+        plan.contains("rolling update") && plan.contains("stays up"),
+        "{plan}"
+    );
+    let l = load(b, o);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, out) = apply(b, file);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = l.stop();
+    assert!(ok, "{out}");
+    no_failures(what, &r);
+}
+
 /// Waits until every guest's probe says healthy; panics with `ps` if not.
 fn all_healthy(b: &Berth, within: Duration) {
     let ok = wait_until(within, Duration::from_millis(50), || {
@@ -230,19 +247,7 @@ fn group_vip_failover_rolling_update_revert_scale() {
 
     // Rolling update under load: zero failed requests.
     let v2 = b.write("v2.toml", &group_spec(&b, o, &g, 2, "v2", ""));
-    let v2 = v2.to_str().expect("utf8");
-    let plan = b.cli_ok(&["plan", v2]);
-    assert!(
-        plan.contains("rolling update") && plan.contains("stays up"),
-        "{plan}"
-    );
-    let l = load(&b, o);
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, out) = apply(&b, v2);
-    std::thread::sleep(Duration::from_millis(300));
-    let r = l.stop();
-    assert!(ok, "{out}");
-    no_failures("rolling update", &r);
+    rolling_update_under_load(&b, o, v2.to_str().expect("utf8"), "rolling update");
     wait_vip(&b, o, "");
     for m in [&m0, &m1] {
         let pid = b.guest(m).pid.expect("pid");
@@ -580,19 +585,7 @@ health = {{ http = "http://{{addr}}:80/", interval = "200ms", timeout = "1s", he
     // Rolling update of the VMs (a kernel command line change restarts
     // them) under load: no failed request.
     let v2 = b.write("v2.toml", &vm_group(2));
-    let v2 = v2.to_str().expect("utf8");
-    let plan = b.cli_ok(&["plan", v2]);
-    assert!(
-        plan.contains("rolling update") && plan.contains("stays up"),
-        "{plan}"
-    );
-    let l = load(&b, o);
-    std::thread::sleep(Duration::from_millis(500));
-    let (ok, out) = apply(&b, v2);
-    std::thread::sleep(Duration::from_millis(500));
-    let r = l.stop();
-    assert!(ok, "{out}");
-    no_failures("rolling update of VMs", &r);
+    rolling_update_under_load(&b, o, v2.to_str().expect("utf8"), "rolling update of VMs");
     all_healthy(&b, Duration::from_secs(240));
 
     // kill -9 of the serving member's QEMU: the VIP moves to the other VM.
