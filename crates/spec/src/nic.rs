@@ -199,8 +199,10 @@ pub fn is_berth_link(name: &str) -> bool {
     false
 }
 
-/// The management NIC's MAC of VM `index` (what the VM driver uses:
-/// `52:54:00:be:HH:LL`, `52:54:be:XX:XX:XX` above 65535).
+/// The management NIC's MAC of VM `index`, what the VM driver gives QEMU:
+/// a stable, unique, locally administered unicast MAC, `52:54:00:be:HH:LL`
+/// for indices below 65536, `52:54:be:XX:XX:XX` (24 bits) above. Unique for
+/// every index below 2^24.
 pub fn management_mac(index: u32) -> String {
     if index <= 0xffff {
         format!("52:54:00:be:{:02x}:{:02x}", index >> 8, index & 0xff)

@@ -158,22 +158,9 @@ pub enum NicArg {
     Vfio { host: String },
 }
 
-/// A stable, unique, locally administered unicast MAC for guest `index`:
-/// `52:54:00:be:HH:LL` for indices below 65536, `52:54:be:XX:XX:XX` (24 bits)
-/// above. Unique for every index below 2^24.
-pub fn mac_for_index(index: u32) -> String {
-    if index <= 0xffff {
-        format!("52:54:00:be:{:02x}:{:02x}", index >> 8, index & 0xff)
-    } else {
-        let i = index & 0x00ff_ffff;
-        format!(
-            "52:54:be:{:02x}:{:02x}:{:02x}",
-            (i >> 16) & 0xff,
-            (i >> 8) & 0xff,
-            i & 0xff
-        )
-    }
-}
+/// A stable, unique, locally administered unicast MAC for guest `index`
+/// (the spec's derivation, so validation can check extra NICs against it).
+pub use berth_spec::nic::management_mac as mac_for_index;
 
 /// Escapes a value for QEMU's `key=value,...` option syntax (a comma is
 /// written as two).
