@@ -733,13 +733,7 @@ fn run_apply(
     let send = |ev: ApplyEvent| {
         let _ = tx.blocking_send(ev);
     };
-    let fail = |msg: String| {
-        send(ApplyEvent::Done {
-            ok: false,
-            summary: "apply failed".into(),
-            errors: vec![msg],
-        });
-    };
+    let fail = |msg: String| send(apply_failed(msg));
     let observed = match engine.observed() {
         Ok(o) => o,
         Err(e) => return fail(e.to_string()),
@@ -895,13 +889,7 @@ pub(crate) fn run_plan(
     let send = |ev: ApplyEvent| {
         let _ = tx.blocking_send(ev);
     };
-    let fail = |msg: String| {
-        send(ApplyEvent::Done {
-            ok: false,
-            summary: "apply failed".into(),
-            errors: vec![msg],
-        });
-    };
+    let fail = |msg: String| send(apply_failed(msg));
     // An apply in progress is resumed if the daemon dies before its end.
     let _ = engine
         .store
@@ -1073,6 +1061,15 @@ pub(crate) fn run_plan(
         summary,
         errors,
     });
+}
+
+/// The last event of an apply that stopped before doing anything more.
+fn apply_failed(msg: String) -> ApplyEvent {
+    ApplyEvent::Done {
+        ok: false,
+        summary: "apply failed".into(),
+        errors: vec![msg],
+    }
 }
 
 fn step(

@@ -197,25 +197,39 @@ async fn narinfo(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(file): Path<String>,
 ) -> Response {
-    if let Err(r) = check_peer(&engine, peer).await {
-        return r;
-    }
-    let Some(hash) = file.strip_suffix(".narinfo").filter(|h| is_hash_part(h)) else {
-        return text(StatusCode::NOT_FOUND, "not found\n");
-    };
-    let Some(path) = find_path(hash) else {
-        return text(StatusCode::NOT_FOUND, "no such path\n");
-    };
-    match path_info(&path).await {
-        Ok(Some(info)) => (
+    match requested(&engine, peer, &file, ".narinfo").await {
+        Ok((hash, _, info)) => (
             [(header::CONTENT_TYPE, "text/x-nix-narinfo")],
-            render_narinfo(&info, hash),
+            render_narinfo(&info, &hash),
         )
             .into_response(),
-        Ok(None) => text(StatusCode::NOT_FOUND, "no such valid path\n"),
+        Err(r) => r,
+    }
+}
+
+/// What a request for `<hash><suffix>` from `peer` names: the hash, the
+/// valid store path and its info; or the answer that refuses it (peer not
+/// allowed, malformed name, no such valid path).
+async fn requested(
+    engine: &Arc<Engine>,
+    peer: SocketAddr,
+    file: &str,
+    suffix: &str,
+) -> Result<(String, String, PathInfo), Response> {
+    check_peer(engine, peer).await?;
+    let Some(hash) = file.strip_suffix(suffix).filter(|h| is_hash_part(h)) else {
+        return Err(text(StatusCode::NOT_FOUND, "not found\n"));
+    };
+    let Some(path) = find_path(hash) else {
+        return Err(text(StatusCode::NOT_FOUND, "no such path\n"));
+    };
+    // Only valid (registered) paths: not one being built or half deleted.
+    match path_info(&path).await {
+        Ok(Some(info)) => Ok((hash.to_owned(), path, info)),
+        Ok(None) => Err(text(StatusCode::NOT_FOUND, "no such valid path\n")),
         Err(e) => {
             tracing::warn!(path, "nix cache: {e}");
-            text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+            Err(text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")))
         }
     }
 }
@@ -226,21 +240,10 @@ async fn nar(
     Path(file): Path<String>,
 ) -> Response {
     use tokio::io::AsyncReadExt;
-    if let Err(r) = check_peer(&engine, peer).await {
-        return r;
-    }
-    let Some(hash) = file.strip_suffix(".nar").filter(|h| is_hash_part(h)) else {
-        return text(StatusCode::NOT_FOUND, "not found\n");
+    let path = match requested(&engine, peer, &file, ".nar").await {
+        Ok((_, path, _)) => path,
+        Err(r) => return r,
     };
-    let Some(path) = find_path(hash) else {
-        return text(StatusCode::NOT_FOUND, "no such path\n");
-    };
-    // Only valid (registered) paths: not one being built or half deleted.
-    match path_info(&path).await {
-        Ok(Some(_)) => {}
-        Ok(None) => return text(StatusCode::NOT_FOUND, "no such valid path\n"),
-        Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
-    }
     let child = tokio::process::Command::new("nix-store")
         .args(["--dump", &path])
         .stdin(std::process::Stdio::null())
