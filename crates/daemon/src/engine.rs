@@ -164,6 +164,17 @@ impl Engine {
         Ok(())
     }
 
+    /// Takes `guest` out of its service address now (the route has moved
+    /// when this returns), then waits `drain_ms` for requests in flight.
+    pub fn take_out(&self, guest: &str, why: &str, drain_ms: u64) -> Result<(), EngineError> {
+        self.set_drain(guest, why)?;
+        if let Err(e) = crate::vip::reconcile(self) {
+            tracing::warn!("service addresses: {e}");
+        }
+        std::thread::sleep(Duration::from_millis(drain_ms));
+        Ok(())
+    }
+
     pub fn clear_drain(&self, guest: &str) -> Result<(), EngineError> {
         self.store.delete_kv(&format!("{DRAIN_KEY}{guest}"))?;
         self.health.poke();
@@ -549,11 +560,7 @@ impl Engine {
             return Ok(false);
         }
         let drain_ms = self.applied_groups()?.get(group).map_or(0, |g| g.drain_ms);
-        self.set_drain(&rec.name, "stop")?;
-        if let Err(e) = crate::vip::reconcile(self) {
-            tracing::warn!("service addresses: {e}");
-        }
-        std::thread::sleep(Duration::from_millis(drain_ms));
+        self.take_out(&rec.name, "stop", drain_ms)?;
         Ok(true)
     }
 

@@ -983,11 +983,7 @@ pub(crate) fn run_plan(
                 .get(&gname)
                 .or_else(|| observed.groups.get(&gname))
                 .map_or(0, |g| g.drain_ms);
-            let _ = engine.set_drain(name, "scale");
-            if let Err(e) = crate::vip::reconcile(engine) {
-                tracing::warn!("service addresses: {e}");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(drain_ms));
+            let _ = engine.take_out(name, "scale", drain_ms);
         }
         let res = run_action(engine, desired, observed, a, generation, plan_id, &send);
         if let Some(name) = a.guest.as_deref() {

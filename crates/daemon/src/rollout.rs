@@ -357,9 +357,7 @@ fn revert(
             format!("reverting {m} to its previous config"),
             t,
         ));
-        let _ = engine.set_drain(m, "rollout");
-        let _ = crate::vip::reconcile(engine);
-        std::thread::sleep(Duration::from_millis(group.drain_ms));
+        let _ = engine.take_out(m, "rollout", group.drain_ms);
         let names = order(m);
         let current: Vec<(String, Option<Guest>)> = names
             .iter()
