@@ -278,6 +278,22 @@ fn group_vip_failover_rolling_update_revert_scale() {
     let r = l.stop();
     assert!(!ok, "a broken update must fail: {out}");
     assert!(out.contains("reverted"), "{out}");
+    if r.failed() > 0 {
+        eprintln!("{out}");
+        for l in b.daemon_log().lines().filter(|l| {
+            l.contains("health") || l.contains("service address") || l.contains("resum")
+        }) {
+            eprintln!("daemon: {l}");
+        }
+        let t0 = r.samples.first().map(|x| x.at);
+        for x in r.samples.iter().filter(|x| x.body.is_err()) {
+            eprintln!(
+                "failed at +{:?}: {:?}",
+                t0.map(|t| x.at.duration_since(t)),
+                x.body
+            );
+        }
+    }
     no_failures("broken update", &r);
     // Both members back on v2 and healthy.
     all_healthy(&b, Duration::from_secs(15));

@@ -194,18 +194,31 @@ fn vip_pinning(vips: &[(String, std::net::IpAddr)]) -> Vec<Value> {
             "type": if v6 { "ipv6_addr" } else { "ipv4_addr" },
             "elem": addrs,
         }}}));
+        let pin = || {
+            json!({"mangle": {
+                "key": {"ct": {"key": "mark"}},
+                "value": {"map": {"key": meta("oifname"), "data": {"set": map.clone()}}},
+            }})
+        };
+        let to_vip = || matches("==", payload(proto, "daddr"), json!(format!("@{set}")));
         cmds.push(rule(
             "vip_pin_forward",
             vec![
                 matches("in", json!({"ct": {"key": "state"}}), json!(["new"])),
-                matches("==", payload(proto, "daddr"), json!(format!("@{set}"))),
-                json!({"mangle": {
-                    "key": {"ct": {"key": "mark"}},
-                    "value": {"map": {"key": meta("oifname"), "data": {"set": map}}},
-                }}),
+                to_vip(),
+                pin(),
             ],
         ));
+        // A SYN that reuses a conntrack entry (same addresses and ports as
+        // a connection that ended in a reset) is not "new" to conntrack,
+        // but it starts a connection: pin it to where it is routed now.
+        cmds.push(rule("vip_pin_forward", vec![to_vip(), syn_only(), pin()]));
     }
+    // A SYN is always routed afresh, never by an old connection's mark.
+    cmds.push(rule(
+        "vip_pin_prerouting",
+        vec![syn_only(), verdict("accept")],
+    ));
     cmds.push(rule(
         "vip_pin_prerouting",
         vec![
@@ -227,6 +240,15 @@ fn vip_pinning(vips: &[(String, std::net::IpAddr)]) -> Vec<Value> {
         ],
     ));
     cmds
+}
+
+/// `tcp flags & (syn | ack) == syn`: the first packet of a TCP connection.
+fn syn_only() -> Value {
+    matches(
+        "==",
+        json!({"&": [payload("tcp", "flags"), ["syn", "ack"]]}),
+        json!("syn"),
+    )
 }
 
 /// Anti-spoofing rules for the `prerouting_filter` chain: one set lookup per
@@ -588,15 +610,27 @@ mod tests {
     fn vip_connections_are_pinned_by_conntrack_mark() {
         let doc = render_ruleset(&fw(None));
         let fwd = rules_in(&doc, "vip_pin_forward");
-        assert_eq!(fwd.len(), 1);
+        assert_eq!(fwd.len(), 2, "new connections, and SYNs reusing an entry");
         let text = fwd[0]["expr"].to_string();
         assert!(
             text.contains("@vip4_addrs") && text.contains("\"new\""),
             "{text}"
         );
         assert!(text.contains(&crate::pin_mark(2).to_string()), "{text}");
+        let syn = fwd[1]["expr"].to_string();
+        assert!(
+            syn.contains("\"syn\"") && syn.contains("@vip4_addrs"),
+            "{syn}"
+        );
         let pre = rules_in(&doc, "vip_pin_prerouting");
-        let text = pre[0]["expr"].to_string();
+        assert_eq!(pre.len(), 2);
+        // A SYN leaves the chain before any mark is copied to it.
+        let first = pre[0]["expr"].to_string();
+        assert!(
+            first.contains("\"syn\"") && first.contains("accept"),
+            "{first}"
+        );
+        let text = pre[1]["expr"].to_string();
         assert!(
             text.contains("established") && text.contains("original"),
             "{text}"
