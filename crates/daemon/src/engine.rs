@@ -1386,6 +1386,21 @@ impl Engine {
         for (k, _) in self.store.kv_prefix(DRAIN_KEY)? {
             self.store.delete_kv(&k)?;
         }
+        // Every supervisor is gone now: sweep links with berth's NIC names
+        // that no record covers any more (a segment bridge re-created by a
+        // supervisor that was still starting when its record was removed).
+        match berth_net::list_links("b") {
+            Ok(links) => {
+                for l in links.into_iter().filter(|l| is_berth_nic_link(l)) {
+                    match berth_net::delete_link(&l) {
+                        Ok(true) => removed.push(format!("link {l}")),
+                        Ok(false) => {}
+                        Err(e) => errors.push(format!("link {l}: {e}")),
+                    }
+                }
+            }
+            Err(e) => errors.push(format!("listing links: {e}")),
+        }
         for p in berth_container::cgroup::remove_parents_if_empty() {
             removed.push(format!("cgroup {}", p.display()));
         }
@@ -1412,6 +1427,22 @@ impl Engine {
     pub fn guest_of<'a>(desired: &'a Desired, name: &str) -> Option<&'a Guest> {
         desired.guests.get(name)
     }
+}
+
+/// Names berth gives extra-NIC links: segment bridges `bs-<segment>`,
+/// macvtaps `bm<index>n<k>`, segment ports `bp<index>n<k>`.
+fn is_berth_nic_link(name: &str) -> bool {
+    let numbered = |rest: &str| {
+        rest.split_once('n').is_some_and(|(i, k)| {
+            !i.is_empty()
+                && !k.is_empty()
+                && i.bytes().all(|b| b.is_ascii_digit())
+                && k.bytes().all(|b| b.is_ascii_digit())
+        })
+    };
+    name.starts_with("bs-")
+        || name.strip_prefix("bm").is_some_and(numbered)
+        || name.strip_prefix("bp").is_some_and(numbered)
 }
 
 /// The firewall of a host: NAT for its subnets, and source filters for
@@ -1591,6 +1622,16 @@ mod tests {
             (3, b"hello\n".as_slice(), b"err".as_slice())
         );
         assert!(super::parse_console_exec("nothing", "7").is_err());
+    }
+
+    #[test]
+    fn berth_nic_link_names() {
+        for n in ["bs-sync", "bm10n1", "bp7n2"] {
+            assert!(super::is_berth_nic_link(n), "{n}");
+        }
+        for n in ["bond0", "bpf0", "bmx1n2", "bm1n", "br0", "vb3", "bs"] {
+            assert!(!super::is_berth_nic_link(n), "{n}");
+        }
     }
 
     #[test]
