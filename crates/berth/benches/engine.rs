@@ -54,7 +54,6 @@ fn raw_nspawn(
                         env: Default::default(),
                         init,
                         sync_dir: sync.clone(),
-                        register: false,
                         ephemeral: true,
                         read_only: false,
                     });

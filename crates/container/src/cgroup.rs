@@ -5,15 +5,17 @@
 //! cgroup2 at `/sys/fs/cgroup/unified`, like the build machine) the v2 group
 //! still exists — nspawn keeps its `supervisor`/`payload` children there and
 //! `cgroup.kill` works — and limits go to the v1 `memory` and `cpu`
-//! hierarchies, with a warning. Where neither has a controller, the limit is
-//! skipped with a warning, never a crash.
+//! hierarchies, with a warning. Where neither has a controller (or the v1
+//! group cannot be made: read-only v1 mounts inside a container), the limit
+//! is skipped with a warning, never a crash.
 //!
 //! Where `berth/` lives in the v2 tree ([`Layout::v2_parent`]): at the root
 //! without systemd (today's behaviour); under systemd in the daemon's own
 //! unit, which delegates its subtree (`Delegate=yes` in berth.service), so
 //! `<v2>/system.slice/berth.service/berth/<guest>`, derived from
 //! `/proc/self/cgroup`; anywhere with `BERTH_CGROUP_PARENT` (a path in the
-//! v2 tree, e.g. `/system.slice/berth.service`). A cgroup with processes
+//! v2 tree, e.g. `/system.slice/berth.service`). v1 groups follow the same
+//! rule in their own hierarchy. A cgroup with processes
 //! cannot hand controllers to children, so under systemd the daemon moves
 //! itself into `<unit>/daemon` at start ([`enter_delegated_leaf`]); the
 //! supervisors it starts inherit that leaf.
@@ -59,6 +61,10 @@ pub struct Layout {
     /// Where `berth/` is in the v2 tree, relative to its root: empty (the
     /// root) or the daemon's systemd unit, e.g. `system.slice/berth.service`.
     pub v2_parent: PathBuf,
+    /// The same for the v1 `memory` and `cpu` hierarchies (a hybrid host
+    /// under systemd delegates the unit's group in each of them).
+    pub v1_memory_parent: PathBuf,
+    pub v1_cpu_parent: PathBuf,
 }
 
 impl Layout {
@@ -77,17 +83,18 @@ impl Layout {
             let p = base.join(c);
             (v2.as_deref() != Some(base) && p.join("cgroup.procs").exists()).then_some(p)
         };
-        let v2_parent = v2_parent(
-            std::env::var("BERTH_CGROUP_PARENT").ok().as_deref(),
-            Path::new("/run/systemd/system").is_dir(),
-            &std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default(),
-        );
+        let explicit = std::env::var("BERTH_CGROUP_PARENT").ok();
+        let systemd = Path::new("/run/systemd/system").is_dir();
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let parent = |h: Hierarchy| unit_parent(explicit.as_deref(), systemd, &own, h);
         Layout {
             v1_memory: v1("memory"),
             v1_cpu: v1("cpu"),
             v2,
             v2_controllers,
-            v2_parent,
+            v2_parent: parent(Hierarchy::V2),
+            v1_memory_parent: parent(Hierarchy::V1("memory")),
+            v1_cpu_parent: parent(Hierarchy::V1("cpu")),
         }
     }
 
@@ -103,6 +110,14 @@ impl Layout {
     }
 }
 
+/// A cgroup hierarchy in `/proc/self/cgroup`: the v2 one (`0::path`) or
+/// the v1 one carrying a controller (`4:cpu,cpuacct:path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hierarchy {
+    V2,
+    V1(&'static str),
+}
+
 /// Where `berth/` goes in the v2 tree (relative to its root): `explicit`
 /// (`BERTH_CGROUP_PARENT`) if given; under systemd (`systemd`: PID 1 is
 /// systemd) the unit cgroup the process runs in, i.e. its v2 path from
@@ -110,13 +125,34 @@ impl Layout {
 /// `.scope` component (so `.../berth.service/daemon` still gives
 /// `.../berth.service`); otherwise, or when no unit shows, the root.
 pub fn v2_parent(explicit: Option<&str>, systemd: bool, self_cgroup: &str) -> PathBuf {
+    unit_parent(explicit, systemd, self_cgroup, Hierarchy::V2)
+}
+
+/// [`v2_parent`] for any hierarchy: a v1 one (hybrid hosts) takes the path
+/// from its own line, since systemd puts the unit at the same place in
+/// each hierarchy it delegates.
+pub fn unit_parent(
+    explicit: Option<&str>,
+    systemd: bool,
+    self_cgroup: &str,
+    hierarchy: Hierarchy,
+) -> PathBuf {
     if let Some(p) = explicit.map(str::trim).filter(|p| !p.is_empty()) {
         return PathBuf::from(p.trim_start_matches('/'));
     }
     if !systemd {
         return PathBuf::new();
     }
-    let Some(path) = self_cgroup.lines().find_map(|l| l.strip_prefix("0::")) else {
+    let found = self_cgroup.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (id, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        let hit = match hierarchy {
+            Hierarchy::V2 => id == "0" && controllers.is_empty(),
+            Hierarchy::V1(c) => id != "0" && controllers.split(',').any(|x| x == c),
+        };
+        hit.then_some(path)
+    });
+    let Some(path) = found else {
         return PathBuf::new();
     };
     let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
@@ -177,11 +213,14 @@ impl Cgroup {
     }
 
     pub fn with_layout(layout: Layout, name: &str) -> Cgroup {
-        let at = |root: &Option<PathBuf>| root.as_ref().map(|r| r.join("berth").join(name));
+        let at = |root: &Option<PathBuf>, parent: &Path| {
+            root.as_ref()
+                .map(|r| r.join(parent).join("berth").join(name))
+        };
         Cgroup {
             v2: layout.v2_berth().map(|b| b.join(name)),
-            v1_memory: at(&layout.v1_memory),
-            v1_cpu: at(&layout.v1_cpu),
+            v1_memory: at(&layout.v1_memory, &layout.v1_memory_parent),
+            v1_cpu: at(&layout.v1_cpu, &layout.v1_cpu_parent),
             layout,
         }
     }
@@ -224,8 +263,17 @@ impl Cgroup {
                 }
             }
         }
-        for d in self.dirs() {
+        if let Some(d) = &self.v2 {
             std::fs::create_dir_all(d).map_err(io(d, "create"))?;
+        }
+        // v1 groups only carry limits cgroup v2 cannot: where they cannot
+        // be made (read-only v1 mounts in a container, an undelegated
+        // hierarchy) the limit is not enforced, with a warning from
+        // set_limits, and the guest still starts.
+        for d in self.v1_memory.iter().chain(self.v1_cpu.iter()) {
+            if let Err(e) = std::fs::create_dir_all(d) {
+                tracing::debug!(group = %d.display(), "cgroup v1 group not created: {e}");
+            }
         }
         Ok(())
     }
@@ -246,14 +294,14 @@ impl Cgroup {
                     let p = d.join("memory.swap.max");
                     let _ = write_file(&p, "0");
                 }
-                (_, Some(d)) => {
+                (_, Some(d)) if d.is_dir() => {
                     let p = d.join("memory.limit_in_bytes");
                     write_file(&p, &bytes.to_string())
                         .map_err(io(&p, "set memory.limit_in_bytes"))?;
                     warnings.push("cgroup v2 has no memory controller here; memory limit set through cgroup v1".into());
                 }
                 _ => warnings.push(
-                    "no memory cgroup controller on this host; memory limit not enforced".into(),
+                    "no usable memory cgroup controller here (none in cgroup v2, no writable v1 group); memory limit not enforced".into(),
                 ),
             }
         }
@@ -265,7 +313,7 @@ impl Cgroup {
                     write_file(&p, &format!("{quota} {CPU_PERIOD_US}"))
                         .map_err(io(&p, "set cpu.max"))?;
                 }
-                (_, Some(d)) => {
+                (_, Some(d)) if d.is_dir() => {
                     let p = d.join("cpu.cfs_period_us");
                     write_file(&p, &CPU_PERIOD_US.to_string())
                         .map_err(io(&p, "set cpu.cfs_period_us"))?;
@@ -277,7 +325,7 @@ impl Cgroup {
                     );
                 }
                 _ => warnings
-                    .push("no cpu cgroup controller on this host; CPU limit not enforced".into()),
+                    .push("no usable cpu cgroup controller here (none in cgroup v2, no writable v1 group); CPU limit not enforced".into()),
             }
         }
         Ok(warnings)
@@ -314,11 +362,11 @@ impl Cgroup {
         let v1_memory = self
             .v1_memory
             .as_ref()
-            .filter(|_| memory && !self.v2_file("memory.max"));
+            .filter(|d| memory && !self.v2_file("memory.max") && d.is_dir());
         let v1_cpu = self
             .v1_cpu
             .as_ref()
-            .filter(|_| cpu && !self.v2_file("cpu.max"));
+            .filter(|d| cpu && !self.v2_file("cpu.max") && d.is_dir());
         self.v2
             .iter()
             .chain(v1_memory)
@@ -390,10 +438,12 @@ impl Cgroup {
 pub fn remove_parents_if_empty() -> Vec<PathBuf> {
     let l = Layout::detect();
     let mut removed = Vec::new();
-    let v1 = [&l.v1_memory, &l.v1_cpu]
-        .into_iter()
-        .flatten()
-        .map(|r| r.join("berth"));
+    let v1 = [
+        (&l.v1_memory, &l.v1_memory_parent),
+        (&l.v1_cpu, &l.v1_cpu_parent),
+    ]
+    .into_iter()
+    .filter_map(|(r, parent)| r.as_ref().map(|r| r.join(parent).join("berth")));
     for p in l.v2_berth().into_iter().chain(v1) {
         // rmdir fails (ENOTEMPTY/EBUSY) while a child group exists: fine.
         if p.is_dir() && std::fs::remove_dir(&p).is_ok() {
@@ -476,6 +526,8 @@ mod tests {
             v1_memory: None,
             v1_cpu: None,
             v2_parent: PathBuf::new(),
+            v1_memory_parent: PathBuf::new(),
+            v1_cpu_parent: PathBuf::new(),
         };
         let c = Cgroup::with_layout(l, "db1");
         assert_eq!(c.v2.as_deref(), Some(Path::new("/sys/fs/cgroup/berth/db1")));
@@ -490,6 +542,8 @@ mod tests {
             v1_memory: Some("/sys/fs/cgroup/memory".into()),
             v1_cpu: Some("/sys/fs/cgroup/cpu".into()),
             v2_parent: PathBuf::new(),
+            v1_memory_parent: PathBuf::new(),
+            v1_cpu_parent: PathBuf::new(),
         };
         let c = Cgroup::with_layout(l, "db1");
         assert_eq!(
@@ -511,6 +565,8 @@ mod tests {
             v1_memory: None,
             v1_cpu: None,
             v2_parent: PathBuf::new(),
+            v1_memory_parent: PathBuf::new(),
+            v1_cpu_parent: PathBuf::new(),
         };
         let c = Cgroup::with_layout(l, "x");
         let w = c.set_limits(Some(1 << 27), Some(1.0)).expect("limits");
@@ -527,6 +583,8 @@ mod tests {
             v1_memory: None,
             v1_cpu: None,
             v2_parent: "system.slice/berth.service".into(),
+            v1_memory_parent: PathBuf::new(),
+            v1_cpu_parent: PathBuf::new(),
         };
         let c = Cgroup::with_layout(l, "db1");
         assert_eq!(
@@ -575,5 +633,66 @@ mod tests {
             PathBuf::from("machine.slice/berth")
         );
         assert_eq!(v2_parent(Some("  "), false, unit), PathBuf::new());
+    }
+
+    #[test]
+    fn hybrid_host_under_systemd_uses_the_units_v1_groups() {
+        let own = "12:memory:/system.slice/berth.service/daemon\n4:cpu,cpuacct:/system.slice/berth.service\n1:name=systemd:/system.slice/berth.service\n0::/system.slice/berth.service/daemon\n";
+        let p = |h| unit_parent(None, true, own, h);
+        assert_eq!(
+            p(Hierarchy::V1("memory")),
+            PathBuf::from("system.slice/berth.service")
+        );
+        assert_eq!(
+            p(Hierarchy::V1("cpu")),
+            PathBuf::from("system.slice/berth.service")
+        );
+        // `cpuacct` is not `cpu`, and a controller absent from v1 gives the root.
+        assert_eq!(
+            unit_parent(None, true, "4:cpuacct:/a.service\n", Hierarchy::V1("cpu")),
+            PathBuf::new()
+        );
+        let l = Layout {
+            v2: Some("/sys/fs/cgroup/unified".into()),
+            v2_controllers: vec![],
+            v1_memory: Some("/sys/fs/cgroup/memory".into()),
+            v1_cpu: Some("/sys/fs/cgroup/cpu".into()),
+            v2_parent: p(Hierarchy::V2),
+            v1_memory_parent: p(Hierarchy::V1("memory")),
+            v1_cpu_parent: p(Hierarchy::V1("cpu")),
+        };
+        let c = Cgroup::with_layout(l, "db1");
+        assert_eq!(
+            c.v1_memory.as_deref(),
+            Some(Path::new(
+                "/sys/fs/cgroup/memory/system.slice/berth.service/berth/db1"
+            ))
+        );
+        assert_eq!(
+            c.v2.as_deref(),
+            Some(Path::new(
+                "/sys/fs/cgroup/unified/system.slice/berth.service/berth/db1"
+            ))
+        );
+    }
+
+    #[test]
+    fn unwritable_v1_groups_mean_a_warning_not_a_failed_start() {
+        let dir = std::env::temp_dir().join(format!("berth-cg-{}", std::process::id()));
+        let l = Layout {
+            v2: None,
+            v2_controllers: vec![],
+            // Groups under a path that does not exist cannot be made.
+            v1_memory: Some(dir.join("missing/memory")),
+            v1_cpu: Some(dir.join("missing/cpu")),
+            v2_parent: PathBuf::new(),
+            v1_memory_parent: PathBuf::new(),
+            v1_cpu_parent: PathBuf::new(),
+        };
+        let c = Cgroup::with_layout(l, "x");
+        let w = c.set_limits(Some(1 << 27), Some(0.5)).expect("limits");
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("not enforced"), "{w:?}");
+        assert!(c.procs_files(true, true).expect("files").is_empty());
     }
 }

@@ -17,8 +17,6 @@ pub struct NspawnConfig {
     pub init: PathBuf,
     /// Host directory bind-mounted read-only at `/.berth` (holds `ready`).
     pub sync_dir: PathBuf,
-    /// Register with systemd-machined (only when systemd and D-Bus run).
-    pub register: bool,
     /// Throw-away overlay over the rootfs (`--volatile=overlay`).
     pub ephemeral: bool,
     /// Read-only rootfs (`--read-only`).
@@ -58,16 +56,12 @@ pub fn nspawn_argv(c: &NspawnConfig) -> Vec<String> {
     }
     // Always --keep-unit: the container stays in the cgroup the shim put it
     // in (berth/<guest>: limits, kill), instead of a transient scope of its
-    // own; with systemd it is still registered with machined.
+    // own. Always --register=no: on systemd hosts the shim registers the
+    // container with machined itself (berth_shim::machined), as it does
+    // VMs: a registration made by nspawn with --keep-unit was dropped by
+    // machined when berth.service restarted, although the container ran on.
     v.push("--keep-unit".into());
-    v.push(
-        if c.register {
-            "--register=yes"
-        } else {
-            "--register=no"
-        }
-        .into(),
-    );
+    v.push("--register=no".into());
     for (k, val) in &c.env {
         v.push(format!("--setenv={k}={val}"));
     }
@@ -93,8 +87,8 @@ pub fn nspawn_env() -> Vec<(&'static str, &'static str)> {
     vec![("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1")]
 }
 
-/// True when systemd is PID 1 and the system bus is reachable, so nspawn can
-/// register the machine with machined (`machinectl` then lists it).
+/// True when systemd is PID 1 and the system bus is reachable, so guests
+/// can be registered with machined (`machinectl` then lists them).
 pub fn systemd_available() -> bool {
     systemd_available_at(Path::new("/"))
 }
@@ -107,7 +101,7 @@ fn systemd_available_at(root: &Path) -> bool {
 mod tests {
     use super::*;
 
-    fn cfg(register: bool) -> NspawnConfig {
+    fn cfg() -> NspawnConfig {
         NspawnConfig {
             machine: "berth-db1".into(),
             rootfs: "/var/lib/berth/rootfs/busybox".into(),
@@ -115,7 +109,6 @@ mod tests {
             env: BTreeMap::from([("A".into(), "b c".into())]),
             init: "/var/lib/berth/lib/berth-init".into(),
             sync_dir: "/var/lib/berth/guests/db1/sync".into(),
-            register,
             ephemeral: false,
             read_only: false,
         }
@@ -123,7 +116,7 @@ mod tests {
 
     #[test]
     fn argv_runs_command_through_init_in_private_namespaces() {
-        let v = nspawn_argv(&cfg(false));
+        let v = nspawn_argv(&cfg());
         assert_eq!(v[0], "systemd-nspawn");
         for want in [
             "--machine=berth-db1",
@@ -154,7 +147,7 @@ mod tests {
 
     #[test]
     fn argv_rootfs_modes() {
-        let mut c = cfg(false);
+        let mut c = cfg();
         assert!(
             !nspawn_argv(&c)
                 .iter()
@@ -169,7 +162,7 @@ mod tests {
 
     #[test]
     fn init_systems_are_execed_and_halted_with_rtmin3() {
-        let mut c = cfg(false);
+        let mut c = cfg();
         c.command = vec!["/sbin/init".into()];
         let v = nspawn_argv(&c);
         assert!(v.iter().any(|a| a == "--kill-signal=SIGRTMIN+3"));
@@ -181,9 +174,9 @@ mod tests {
     }
 
     #[test]
-    fn argv_registers_when_systemd_runs() {
-        let v = nspawn_argv(&cfg(true));
-        assert!(v.iter().any(|a| a == "--register=yes"));
+    fn argv_never_registers_nor_makes_a_scope() {
+        let v = nspawn_argv(&cfg());
+        assert!(v.iter().any(|a| a == "--register=no"), "the shim registers");
         assert!(
             v.iter().any(|a| a == "--keep-unit"),
             "never a scope of its own"

@@ -8,6 +8,7 @@ pub mod engine;
 mod health;
 mod http;
 mod images;
+mod machines;
 mod nix_cache;
 mod rollout;
 mod stream_exec;
@@ -100,6 +101,16 @@ pub async fn serve(opts: Options) -> Result<(), DaemonError> {
             .spawn(move || vip::controller(engine))
         {
             tracing::error!("cannot start the service-address controller: {e}");
+        }
+    }
+    // On systemd hosts: `machinectl list` keeps showing the guests.
+    {
+        let engine = Arc::clone(&engine);
+        if let Err(e) = std::thread::Builder::new()
+            .name("berth-machined".into())
+            .spawn(move || machines::keeper(engine))
+        {
+            tracing::warn!("cannot start the machined registration keeper: {e}");
         }
     }
     // An apply the last daemon did not finish (killed mid-rollout) goes on.

@@ -521,9 +521,7 @@ fn supervise(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) {
         let _ = std::fs::remove_file(shared.paths.dir.join("exec.sock"));
         let _ = std::fs::remove_file(shared.paths.dir.join("qga.sock"));
         cleanup(cfg);
-        if cfg.vm.is_some() {
-            crate::machined::unregister(systemd_available(), &cfg.name);
-        }
+        crate::machined::unregister(systemd_available(), &cfg.name);
         let stopping = shared.stop.load(Ordering::SeqCst);
         let failed = !matches!(&outcome, Ok(i) if i.success());
         shared.update(|s| {
@@ -611,7 +609,6 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
         env: cfg.env.clone(),
         init,
         sync_dir: sync,
-        register: systemd_available(),
         ephemeral: cfg.ephemeral,
         read_only: cfg.read_only,
     });
@@ -677,6 +674,16 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
         "guest running: nspawn pid {runner}, leader pid {leader}, {}",
         cfg.addresses().join(" ")
     ));
+    let machine = crate::machined::Machine {
+        guest: &cfg.name,
+        class: "container",
+        leader: leader as u32,
+        root: &cfg.rootfs,
+        link: &cfg.link,
+    };
+    if let Err(e) = crate::machined::register(systemd_available(), &machine) {
+        log(&format!("warning: {e}"));
+    }
     shared.update(|s| {
         if s.state == ShimState::Starting {
             s.state = ShimState::Running;
@@ -707,8 +714,14 @@ fn start_vm(cfg: &Guest, vm: &berth_spec::vm::Vm, shared: &Arc<Shared>) -> Resul
         "VM running: qemu pid {pid}, accel {accel}, {}",
         cfg.addresses().join(" ")
     ));
-    if let Err(e) = crate::machined::register(systemd_available(), &cfg.name, pid as u32, &cfg.link)
-    {
+    let machine = crate::machined::Machine {
+        guest: &cfg.name,
+        class: "vm",
+        leader: pid as u32,
+        root: Path::new(""),
+        link: &cfg.link,
+    };
+    if let Err(e) = crate::machined::register(systemd_available(), &machine) {
         log(&format!("warning: {e}"));
     }
     *shared.qmp.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.qmp);

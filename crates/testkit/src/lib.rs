@@ -73,10 +73,13 @@ pub enum Cap {
     Busybox,
     /// `nix-store --version` works (Debian: nix-bin).
     Nix,
+    /// systemd, D-Bus and machined are installed, so a container can boot
+    /// systemd as its PID 1 (packages systemd, dbus, systemd-container).
+    SystemdBoot,
 }
 
 impl Cap {
-    const ALL: [Cap; 8] = [
+    const ALL: [Cap; 9] = [
         Cap::Root,
         Cap::Netns,
         Cap::Nspawn,
@@ -85,6 +88,7 @@ impl Cap {
         Cap::Curl,
         Cap::Busybox,
         Cap::Nix,
+        Cap::SystemdBoot,
     ];
 
     fn slot(self) -> usize {
@@ -93,7 +97,7 @@ impl Cap {
 
     /// `Ok(())` if present, else why not. Probed once per process.
     pub fn check(self) -> Result<(), String> {
-        static CACHE: [OnceLock<Result<(), String>>; 8] = [const { OnceLock::new() }; 8];
+        static CACHE: [OnceLock<Result<(), String>>; 9] = [const { OnceLock::new() }; 9];
         CACHE[self.slot()].get_or_init(|| self.probe()).clone()
     }
 
@@ -113,6 +117,7 @@ impl Cap {
             Cap::Qemu => probe_version("qemu-system-x86_64"),
             Cap::Curl => probe_version("curl"),
             Cap::Nix => probe_version("nix-store"),
+            Cap::SystemdBoot => probe_systemd_boot(),
             Cap::Busybox => {
                 if Path::new("/bin/busybox").is_file() {
                     Ok(())
@@ -127,6 +132,40 @@ impl Cap {
 fn euid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
+}
+
+fn probe_systemd_boot() -> Result<(), String> {
+    let any = |paths: &[&str]| paths.iter().any(|p| Path::new(p).exists());
+    let missing: Vec<&str> = [
+        (
+            "systemd",
+            any(&["/usr/lib/systemd/systemd", "/lib/systemd/systemd"]),
+        ),
+        (
+            "systemd-machined",
+            any(&[
+                "/usr/lib/systemd/systemd-machined",
+                "/lib/systemd/systemd-machined",
+            ]),
+        ),
+        (
+            "dbus-daemon",
+            any(&["/usr/bin/dbus-daemon", "/bin/dbus-daemon"]),
+        ),
+        ("busctl", any(&["/usr/bin/busctl", "/bin/busctl"])),
+    ]
+    .into_iter()
+    .filter(|(_, ok)| !ok)
+    .map(|(what, _)| what)
+    .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot boot systemd in a container: no {} (install systemd dbus systemd-container)",
+            missing.join(", ")
+        ))
+    }
 }
 
 fn probe_version(program: &str) -> Result<(), String> {

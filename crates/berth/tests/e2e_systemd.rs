@@ -1,0 +1,352 @@
+//! berth on a systemd host, end to end: a container that boots the host's
+//! own systemd as PID 1 (`systemd-nspawn -b` over a throw-away overlay of
+//! `/`, in a private network namespace) runs berth's daemon under
+//! `contrib/systemd/berth.service`: `Type=notify` readiness, guests' cgroups
+//! in the unit's delegated subtree, a container and a microVM registered
+//! with systemd-machined (`machinectl list`), and guests that outlive
+//! `systemctl restart` and a kill -9 of the daemon, still registered.
+//!
+//! The build machine has no systemd as PID 1; this is how the systemd
+//! integration gets tested on it anyway. On a systemd host it runs the same.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use berth_testkit::{Cap, busybox_rootfs, require, unique_tag, vm_fixture, wait_until};
+
+const CAPS: &[Cap] = &[
+    Cap::Root,
+    Cap::Nspawn,
+    Cap::SystemdBoot,
+    Cap::Qemu,
+    Cap::Busybox,
+];
+const BIN: &str = env!("CARGO_BIN_EXE_berth");
+
+/// A booted systemd container; killed and unmounted on drop, even when the
+/// test fails.
+struct SystemdBox {
+    nspawn: Child,
+    /// systemd, the container's PID 1, as the host sees it.
+    leader: i32,
+    /// The bind mount of `/` the container's overlay sits on.
+    root: PathBuf,
+    log: PathBuf,
+}
+
+impl SystemdBox {
+    fn boot(tag: &str, binds: &[String]) -> SystemdBox {
+        let root = std::env::temp_dir().join(format!("berth-sysroot-{tag}"));
+        std::fs::create_dir_all(&root).expect("mkdir sysroot");
+        // nspawn refuses `/` itself as the directory; a bind mount of it is
+        // fine, and --volatile=overlay keeps every write in a tmpfs.
+        let st = Command::new("mount")
+            .args(["--bind", "/"])
+            .arg(&root)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mount --bind / {}", root.display());
+        let log = std::env::temp_dir().join(format!("berth-sysroot-{tag}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new("systemd-nspawn");
+        cmd.arg(format!("--directory={}", root.display()))
+            .args([
+                "--volatile=overlay",
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                "--private-network",
+                "--console=pipe",
+                "--quiet",
+            ])
+            .arg(format!("--machine=bsys-{tag}"))
+            .args(binds)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out);
+        let nspawn = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = Command::new("umount").arg("-l").arg(&root).status();
+                panic!("systemd-nspawn: {e}");
+            }
+        };
+        let mut b = SystemdBox {
+            nspawn,
+            leader: 0,
+            root,
+            log,
+        };
+        let parent = b.nspawn.id().to_string();
+        let leader = wait_until(Duration::from_secs(30), Duration::from_millis(100), || {
+            let out = Command::new("pgrep").args(["-P", &parent]).output().ok()?;
+            let pid: i32 = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()?
+                .trim()
+                .parse()
+                .ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (comm.trim() == "systemd").then_some(pid)
+        });
+        b.leader = leader.unwrap_or_else(|| panic!("systemd did not start:\n{}", b.boot_log()));
+        // `--wait` returns once boot has finished: running, or degraded
+        // when some unit of the host's failed in the container.
+        let state = b.sh("timeout 60 systemctl is-system-running --wait");
+        let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+        assert!(
+            state == "running" || state == "degraded",
+            "systemd in the container: {state}\n{}",
+            b.boot_log()
+        );
+        b
+    }
+
+    fn boot_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `script` with sh inside the container (all its namespaces).
+    fn sh(&self, script: &str) -> Output {
+        Command::new("nsenter")
+            .args(["-t", &self.leader.to_string(), "-a", "sh", "-c", script])
+            .env("BERTH_SOCKET", "/run/berth/berth.sock")
+            .output()
+            .expect("nsenter")
+    }
+
+    /// [`Self::sh`] that must succeed; its stdout.
+    fn ok(&self, script: &str) -> String {
+        let out = self.sh(script);
+        assert!(
+            out.status.success(),
+            "`{script}` failed: {}{}\nberth.service:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.journal()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn journal(&self) -> String {
+        let out = self.sh("journalctl -u berth.service --no-pager | tail -40");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `machinectl list` lines: (machine, class).
+    fn machines(&self) -> Vec<(String, String)> {
+        let out = self.sh("machinectl list --no-legend");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                Some((f.next()?.to_string(), f.next()?.to_string()))
+            })
+            .collect()
+    }
+
+    /// Waits up to `secs` until machinectl lists exactly `want` (sorted).
+    fn wait_machines(&self, want: &[(&str, &str)], secs: u64, why: &str) {
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(m, c)| (m.to_string(), c.to_string()))
+            .collect();
+        let got = wait_until(
+            Duration::from_secs(secs),
+            Duration::from_millis(250),
+            || {
+                let mut m = self.machines();
+                m.sort();
+                (m == want).then_some(())
+            },
+        );
+        assert!(
+            got.is_some(),
+            "{why}: machinectl lists {:?}, want {want:?}\nberth.service:\n{}",
+            self.machines(),
+            self.journal()
+        );
+    }
+
+    /// The guests' PIDs from `berth ps --json`.
+    fn pids(&self) -> Vec<(String, i64)> {
+        let out = self.ok("berth ps --json");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("ps --json");
+        let mut pids: Vec<(String, i64)> = v
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|g| {
+                (
+                    g["name"].as_str().unwrap_or_default().to_string(),
+                    g["pid"].as_i64().unwrap_or(-1),
+                )
+            })
+            .collect();
+        pids.sort();
+        pids
+    }
+
+    /// Shuts the container down cleanly (the guests inside go with it).
+    fn poweroff(&mut self) {
+        let _ = self.sh("systemctl poweroff --no-block");
+        let done = wait_until(Duration::from_secs(60), Duration::from_millis(200), || {
+            self.nspawn.try_wait().ok().flatten()
+        });
+        assert!(done.is_some(), "the systemd container did not power off");
+    }
+}
+
+impl Drop for SystemdBox {
+    fn drop(&mut self) {
+        if self.nspawn.try_wait().ok().flatten().is_none() {
+            // PID 1 of the container's PID namespace: killing it ends
+            // everything inside (daemon, supervisors, QEMU, containers).
+            if self.leader > 0 {
+                let _ = Command::new("kill")
+                    .args(["-9", &self.leader.to_string()])
+                    .status();
+            }
+            let _ = self.nspawn.kill();
+            let _ = self.nspawn.wait();
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.root).status();
+        let _ = std::fs::remove_dir(&self.root);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn unit_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../contrib/systemd/berth.service")
+}
+
+#[test]
+fn daemon_under_systemd_notify_delegation_machined_restarts() {
+    if !require(
+        "daemon_under_systemd_notify_delegation_machined_restarts",
+        CAPS,
+    ) {
+        return;
+    }
+    let rootfs = busybox_rootfs();
+    let fx = vm_fixture().expect("VM fixture");
+    let tag = unique_tag("sd");
+    let work = std::env::temp_dir().join(format!("berth-sd-{tag}"));
+    std::fs::create_dir_all(&work).expect("work dir");
+    let (c, v) = (format!("{tag}-c"), format!("{tag}-v"));
+    let spec = format!(
+        "[host]\nuplink = \"up0\"\nsubnet4 = \"10.77.0.0/24\"\nsubnet6 = \"fd42:77::/64\"\n\n\
+         [guest.{c}]\nkind = \"container\"\nindex = 2\nrootfs = \"{}\"\n\
+         command = [\"/bin/sh\", \"-c\", \"exec httpd -f -p 80 -h /www\"]\nephemeral = true\nmemory = \"128M\"\n\n\
+         [guest.{v}]\nkind = \"vm\"\nindex = 3\naccel = \"tcg\"\nkernel = \"{}\"\ninitrd = \"{}\"\n\
+         cmdline = \"console=ttyS0 panic=-1\"\nmemory = \"256M\"\nstop_timeout = \"2s\"\n",
+        rootfs.display(),
+        fx.kernel.display(),
+        fx.initrd.display()
+    );
+    std::fs::write(work.join("spec.toml"), spec).expect("spec");
+    std::fs::copy(unit_file(), work.join("berth.service")).expect("unit file");
+
+    // The overlay shows the host's files as they were when it was mounted:
+    // bind what the test built or wrote, so the container sees it as is.
+    let binds = vec![
+        format!("--bind-ro={BIN}:/usr/local/bin/berth"),
+        format!("--bind-ro={}", rootfs.display()),
+        format!("--bind-ro={}", fx.dir.display()),
+        format!("--bind-ro={}:/srv/berth-test", work.display()),
+    ];
+    let mut sys = SystemdBox::boot(&tag, &binds);
+
+    // The uplink: one end of a veth pair in the container's own netns.
+    sys.ok("ip link add up0 type veth peer name up0p && ip addr add 192.0.2.1/24 dev up0 && ip link set up0 up && ip link set up0p up && ip link set lo up");
+    sys.ok("cp /srv/berth-test/berth.service /etc/systemd/system/ && systemctl daemon-reload");
+
+    // Type=notify: `systemctl start` returns once the daemon said READY=1.
+    sys.ok("systemctl start berth.service");
+    let show = sys.ok("systemctl show -p ActiveState -p SubState -p StatusText berth.service");
+    assert!(
+        show.contains("ActiveState=active") && show.contains("SubState=running"),
+        "{show}"
+    );
+    assert!(show.contains("StatusText=serving on"), "{show}");
+
+    let out = sys.ok("berth apply --yes /srv/berth-test/spec.toml");
+    assert!(out.contains("applied"), "{out}");
+    let (mc, mv) = (format!("berth-{c}"), format!("berth-{v}"));
+    let want = [(mc.as_str(), "container"), (mv.as_str(), "vm")];
+    let mut want_sorted = want.to_vec();
+    want_sorted.sort();
+    sys.wait_machines(&want_sorted, 15, "after apply");
+
+    // machined knows the right processes, and they live in the unit's
+    // delegated subtree (berth.service/berth/<guest>).
+    let pids = sys.pids();
+    assert_eq!(pids.len(), 2, "{pids:?}");
+    for (guest, pid) in &pids {
+        assert!(*pid > 0, "{guest} has no pid: {pids:?}");
+        let leader = sys.ok(&format!("machinectl show -p Leader --value berth-{guest}"));
+        assert_eq!(
+            leader.trim(),
+            pid.to_string(),
+            "machined's leader of {guest}"
+        );
+        let cg = sys.ok(&format!("cat /proc/{pid}/cgroup"));
+        assert!(
+            cg.lines()
+                .any(|l| l.starts_with("0::")
+                    && l.contains(&format!("/berth.service/berth/{guest}"))),
+            "{guest} is not in berth.service's delegated subtree:\n{cg}"
+        );
+    }
+
+    // The container answers at once; the TCG VM once it has booted.
+    let body = sys.ok("curl -sS --max-time 5 http://10.77.0.2/");
+    assert!(body.contains("berth-fixture"), "{body}");
+    let vm_up = wait_until(Duration::from_secs(240), Duration::from_secs(1), || {
+        let out = sys.sh("curl -sS --max-time 3 http://10.77.0.3/");
+        (out.status.success() && !out.stdout.is_empty()).then_some(())
+    });
+    assert!(vm_up.is_some(), "the VM did not answer\n{}", sys.journal());
+
+    // A restart of the daemon (KillMode=process) keeps the guests and their
+    // registration; machined may drop a machine while berth.service is
+    // between stop and start, and the new daemon registers it again.
+    for _ in 0..2 {
+        sys.ok("systemctl restart berth.service");
+        assert_eq!(sys.pids(), pids, "guests were restarted with the daemon");
+        sys.wait_machines(&want_sorted, 15, "after systemctl restart berth");
+    }
+
+    // kill -9 of the daemon: systemd restarts it (Restart=always), the new
+    // one re-adopts the guests.
+    sys.ok("systemctl kill -s KILL --kill-whom=main berth.service");
+    let back = wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
+        let s = sys.sh("systemctl show -p NRestarts -p ActiveState berth.service");
+        let s = String::from_utf8_lossy(&s.stdout).into_owned();
+        (s.contains("ActiveState=active") && !s.contains("NRestarts=0")).then_some(())
+    });
+    assert!(
+        back.is_some(),
+        "berth.service not back after kill -9\n{}",
+        sys.journal()
+    );
+    assert_eq!(
+        sys.pids(),
+        pids,
+        "guests were restarted after the daemon's kill -9"
+    );
+    sys.wait_machines(&want_sorted, 15, "after kill -9 of the daemon");
+    let body = sys.ok("curl -sS --max-time 5 http://10.77.0.2/");
+    assert!(body.contains("berth-fixture"), "{body}");
+
+    // Guests that stop are unregistered; nothing is left behind.
+    sys.ok("berth destroy --all --yes");
+    sys.wait_machines(&[], 15, "after destroy --all");
+    let left = sys.ok("ls /sys/fs/cgroup/unified/system.slice/berth.service/berth /sys/fs/cgroup/system.slice/berth.service/berth 2>/dev/null || true");
+    assert!(left.trim().is_empty(), "guest cgroups left behind: {left}");
+
+    sys.poweroff();
+    drop(sys);
+    let _ = std::fs::remove_dir_all(&work);
+}
