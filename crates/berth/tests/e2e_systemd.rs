@@ -1,10 +1,11 @@
 //! berth on a systemd host, end to end: a container that boots the host's
 //! own systemd as PID 1 (`systemd-nspawn -b` over a throw-away overlay of
 //! `/`, in a private network namespace) runs berth's daemon under
-//! `contrib/systemd/berth.service`: `Type=notify` readiness, guests' cgroups
-//! in the unit's delegated subtree, a container and a microVM registered
-//! with systemd-machined (`machinectl list`), and guests that outlive
-//! `systemctl restart` and a kill -9 of the daemon, still registered.
+//! `contrib/systemd/berth.service`: `Type=notify` readiness, each guest in
+//! a scope of its own (`machine.slice/berth-<guest>.scope`), a container and
+//! a microVM registered with systemd-machined (`machinectl list`), and
+//! guests that outlive `systemctl restart` and a kill -9 of the daemon,
+//! still registered.
 //!
 //! The build machine has no systemd as PID 1; this is how the systemd
 //! integration gets tested on it anyway. On a systemd host it runs the same.
@@ -91,13 +92,18 @@ impl SystemdBox {
             (comm.trim() == "systemd").then_some(pid)
         });
         b.leader = leader.unwrap_or_else(|| panic!("systemd did not start:\n{}", b.boot_log()));
-        // `--wait` returns once boot has finished: running, or degraded
-        // when some unit of the host's failed in the container.
-        let state = b.sh("timeout 60 systemctl is-system-running --wait");
-        let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+        // Boot has finished when systemd says running, or degraded when
+        // some unit of the host's failed in the container. Early on its
+        // bus socket does not exist yet and systemctl fails: ask again.
+        let mut last = String::new();
+        let booted = wait_until(Duration::from_secs(90), Duration::from_millis(250), || {
+            let out = b.sh("systemctl is-system-running");
+            last = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            (last == "running" || last == "degraded").then_some(())
+        });
         assert!(
-            state == "running" || state == "degraded",
-            "systemd in the container: {state}\n{}",
+            booted.is_some(),
+            "systemd in the container did not finish booting: {last}\n{}",
             b.boot_log()
         );
         b
@@ -279,8 +285,8 @@ fn daemon_under_systemd_notify_delegation_machined_restarts() {
     want_sorted.sort();
     sys.wait_machines(&want_sorted, 15, "after apply");
 
-    // machined knows the right processes, and they live in the unit's
-    // delegated subtree (berth.service/berth/<guest>).
+    // machined knows the right processes, and each guest lives in its own
+    // scope (berth.service/... would be restarted with the daemon).
     let pids = sys.pids();
     assert_eq!(pids.len(), 2, "{pids:?}");
     for (guest, pid) in &pids {
@@ -291,13 +297,21 @@ fn daemon_under_systemd_notify_delegation_machined_restarts() {
             pid.to_string(),
             "machined's leader of {guest}"
         );
+        let unit = sys.ok(&format!("machinectl show -p Unit --value berth-{guest}"));
+        assert_eq!(
+            unit.trim(),
+            format!("berth-{guest}.scope"),
+            "{guest}'s unit"
+        );
         let cg = sys.ok(&format!("cat /proc/{pid}/cgroup"));
+        let want = format!("/machine.slice/berth-{guest}.scope/berth/{guest}");
         assert!(
             cg.lines()
-                .any(|l| l.starts_with("0::")
-                    && l.contains(&format!("/berth.service/berth/{guest}"))),
-            "{guest} is not in berth.service's delegated subtree:\n{cg}"
+                .any(|l| l.starts_with("0::") && l.contains(&want)),
+            "{guest} is not in {want}:\n{cg}"
         );
+        let active = sys.ok(&format!("systemctl is-active berth-{guest}.scope"));
+        assert_eq!(active.trim(), "active");
     }
 
     // The container answers at once; the TCG VM once it has booted.
@@ -309,9 +323,8 @@ fn daemon_under_systemd_notify_delegation_machined_restarts() {
     });
     assert!(vm_up.is_some(), "the VM did not answer\n{}", sys.journal());
 
-    // A restart of the daemon (KillMode=process) keeps the guests and their
-    // registration; machined may drop a machine while berth.service is
-    // between stop and start, and the new daemon registers it again.
+    // A restart of the daemon keeps the guests (not in its unit) and their
+    // registration (their units are their scopes).
     for _ in 0..2 {
         sys.ok("systemctl restart berth.service");
         assert_eq!(sys.pids(), pids, "guests were restarted with the daemon");
@@ -343,8 +356,16 @@ fn daemon_under_systemd_notify_delegation_machined_restarts() {
     // Guests that stop are unregistered; nothing is left behind.
     sys.ok("berth destroy --all --yes");
     sys.wait_machines(&[], 15, "after destroy --all");
-    let left = sys.ok("ls /sys/fs/cgroup/unified/system.slice/berth.service/berth /sys/fs/cgroup/system.slice/berth.service/berth 2>/dev/null || true");
-    assert!(left.trim().is_empty(), "guest cgroups left behind: {left}");
+    let scopes = wait_until(Duration::from_secs(15), Duration::from_millis(250), || {
+        let out = sys.sh("systemctl list-units --no-legend --all 'berth-*.scope'");
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.trim().is_empty().then_some(())
+    });
+    assert!(
+        scopes.is_some(),
+        "guest scopes left behind: {}",
+        sys.ok("systemctl list-units --no-legend --all 'berth-*.scope'")
+    );
 
     sys.poweroff();
     drop(sys);

@@ -9,16 +9,17 @@
 //! group cannot be made: read-only v1 mounts inside a container), the limit
 //! is skipped with a warning, never a crash.
 //!
-//! Where `berth/` lives in the v2 tree ([`Layout::v2_parent`]): at the root
-//! without systemd (today's behaviour); under systemd in the daemon's own
-//! unit, which delegates its subtree (`Delegate=yes` in berth.service), so
-//! `<v2>/system.slice/berth.service/berth/<guest>`, derived from
-//! `/proc/self/cgroup`; anywhere with `BERTH_CGROUP_PARENT` (a path in the
-//! v2 tree, e.g. `/system.slice/berth.service`). v1 groups follow the same
-//! rule in their own hierarchy. A cgroup with processes
-//! cannot hand controllers to children, so under systemd the daemon moves
-//! itself into `<unit>/daemon` at start ([`enter_delegated_leaf`]); the
-//! supervisors it starts inherit that leaf.
+//! Where `berth/` lives ([`guest_parent`]): at the root without systemd;
+//! under systemd in a scope of the guest's own, `machine.slice/berth-<guest>.scope`
+//! (`Delegate=yes`), in every hierarchy: the supervisor asks for it with
+//! `systemd-run --scope` ([`scope_argv`]) and moves itself into its
+//! `supervisor` leaf ([`enter_guest_scope`]), so the guest's group is
+//! `machine.slice/berth-<guest>.scope/berth/<guest>`. Guests are thus never
+//! in berth.service's cgroup: a restart of the daemon's unit cannot touch
+//! them, and systemd never has to start a daemon into a cgroup whose
+//! controllers berth enabled (which fails with EBUSY, 219/CGROUP, on the
+//! systemd versions without `DelegateSubgroup=`). `BERTH_CGROUP_PARENT` (a
+//! path in the v2 tree) puts every guest under one parent instead.
 
 use std::fs::File;
 use std::io::Write;
@@ -68,7 +69,7 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Reads the layout of this host under `/sys/fs/cgroup`.
+    /// Reads the layout of this host under `/sys/fs/cgroup` (parents: the root).
     pub fn detect() -> Layout {
         let base = Path::new("/sys/fs/cgroup");
         let v2 = [base.to_path_buf(), base.join("unified")]
@@ -83,18 +84,30 @@ impl Layout {
             let p = base.join(c);
             (v2.as_deref() != Some(base) && p.join("cgroup.procs").exists()).then_some(p)
         };
-        let explicit = std::env::var("BERTH_CGROUP_PARENT").ok();
-        let systemd = Path::new("/run/systemd/system").is_dir();
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        let parent = |h: Hierarchy| unit_parent(explicit.as_deref(), systemd, &own, h);
         Layout {
             v1_memory: v1("memory"),
             v1_cpu: v1("cpu"),
             v2,
             v2_controllers,
-            v2_parent: parent(Hierarchy::V2),
-            v1_memory_parent: parent(Hierarchy::V1("memory")),
-            v1_cpu_parent: parent(Hierarchy::V1("cpu")),
+            v2_parent: PathBuf::new(),
+            v1_memory_parent: PathBuf::new(),
+            v1_cpu_parent: PathBuf::new(),
+        }
+    }
+
+    /// This host's layout with the parents of guest `name`'s groups
+    /// ([`guest_parent`]).
+    pub fn for_guest(name: &str) -> Layout {
+        let parent = guest_parent(
+            std::env::var("BERTH_CGROUP_PARENT").ok().as_deref(),
+            crate::nspawn::systemd_available(),
+            name,
+        );
+        Layout {
+            v2_parent: parent.clone(),
+            v1_memory_parent: parent.clone(),
+            v1_cpu_parent: parent,
+            ..Layout::detect()
         }
     }
 
@@ -110,80 +123,68 @@ impl Layout {
     }
 }
 
-/// A cgroup hierarchy in `/proc/self/cgroup`: the v2 one (`0::path`) or
-/// the v1 one carrying a controller (`4:cpu,cpuacct:path`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hierarchy {
-    V2,
-    V1(&'static str),
+/// The slice guests' scopes go in on systemd hosts (as libvirt's and
+/// nspawn's machines do).
+pub const GUEST_SLICE: &str = "machine.slice";
+
+/// The systemd scope guest `guest` lives in on systemd hosts.
+pub fn guest_scope(guest: &str) -> String {
+    format!("berth-{guest}.scope")
 }
 
-/// Where `berth/` goes in the v2 tree (relative to its root): `explicit`
-/// (`BERTH_CGROUP_PARENT`) if given; under systemd (`systemd`: PID 1 is
-/// systemd) the unit cgroup the process runs in, i.e. its v2 path from
-/// `/proc/self/cgroup` (`self_cgroup`) up to the last `.service` or
-/// `.scope` component (so `.../berth.service/daemon` still gives
-/// `.../berth.service`); otherwise, or when no unit shows, the root.
-pub fn v2_parent(explicit: Option<&str>, systemd: bool, self_cgroup: &str) -> PathBuf {
-    unit_parent(explicit, systemd, self_cgroup, Hierarchy::V2)
-}
-
-/// [`v2_parent`] for any hierarchy: a v1 one (hybrid hosts) takes the path
-/// from its own line, since systemd puts the unit at the same place in
-/// each hierarchy it delegates.
-pub fn unit_parent(
-    explicit: Option<&str>,
-    systemd: bool,
-    self_cgroup: &str,
-    hierarchy: Hierarchy,
-) -> PathBuf {
+/// Where guest `guest`'s `berth/` goes, relative to each hierarchy's root:
+/// `explicit` (`BERTH_CGROUP_PARENT`) if given; under systemd (`systemd`:
+/// PID 1 is systemd and D-Bus runs) the guest's scope, `machine.slice/berth-<guest>.scope`;
+/// otherwise the root.
+pub fn guest_parent(explicit: Option<&str>, systemd: bool, guest: &str) -> PathBuf {
     if let Some(p) = explicit.map(str::trim).filter(|p| !p.is_empty()) {
         return PathBuf::from(p.trim_start_matches('/'));
     }
-    if !systemd {
-        return PathBuf::new();
-    }
-    let found = self_cgroup.lines().find_map(|l| {
-        let mut f = l.splitn(3, ':');
-        let (id, controllers, path) = (f.next()?, f.next()?, f.next()?);
-        let hit = match hierarchy {
-            Hierarchy::V2 => id == "0" && controllers.is_empty(),
-            Hierarchy::V1(c) => id != "0" && controllers.split(',').any(|x| x == c),
-        };
-        hit.then_some(path)
-    });
-    let Some(path) = found else {
-        return PathBuf::new();
-    };
-    let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
-    match parts
-        .iter()
-        .rposition(|c| c.ends_with(".service") || c.ends_with(".scope"))
-    {
-        Some(i) => parts[..=i].iter().collect(),
-        None => PathBuf::new(),
+    if systemd {
+        Path::new(GUEST_SLICE).join(guest_scope(guest))
+    } else {
+        PathBuf::new()
     }
 }
 
-/// Under systemd (berth's group parent is a unit's delegated cgroup), moves
-/// the calling process from the unit's cgroup into `<unit>/daemon`, so the
-/// unit's cgroup has no processes of its own and can enable controllers
-/// for `berth/`. Returns the leaf joined; `None` when there is nothing to
-/// do (no systemd, no cgroup2, or already in a child group).
-pub fn enter_delegated_leaf() -> Result<Option<PathBuf>, CgroupError> {
+/// The cgroup2 path of guest `guest`'s scope, if this host runs systemd,
+/// has cgroup2 and no `BERTH_CGROUP_PARENT` is set.
+pub fn scope_dir(guest: &str) -> Option<PathBuf> {
+    if std::env::var("BERTH_CGROUP_PARENT").is_ok_and(|p| !p.trim().is_empty())
+        || !crate::nspawn::systemd_available()
+    {
+        return None;
+    }
     let l = Layout::detect();
-    let (Some(root), false) = (&l.v2, l.v2_parent.as_os_str().is_empty()) else {
+    l.v2.map(|r| r.join(GUEST_SLICE).join(guest_scope(guest)))
+}
+
+/// The `systemd-run` arguments that run `command` in a new scope for
+/// `guest` (systemd-run execs it in place: same PID, same file descriptors).
+pub fn scope_argv(guest: &str) -> Vec<String> {
+    vec![
+        "systemd-run".into(),
+        "--quiet".into(),
+        "--scope".into(),
+        "--collect".into(),
+        format!("--unit={}", guest_scope(guest)),
+        format!("--slice={GUEST_SLICE}"),
+        "--property=Delegate=yes".into(),
+        format!("--description=berth guest {guest}"),
+        "--".into(),
+    ]
+}
+
+/// Under systemd, moves the calling supervisor into `<scope>/supervisor`:
+/// out of the scope's own cgroup (so it can hand controllers to `berth/`)
+/// when systemd-run put it there, or into the scope when it was started
+/// while the scope already existed (its guest outlived an earlier
+/// supervisor). Returns the leaf joined; `None` without systemd or scope.
+pub fn enter_guest_scope(guest: &str) -> Result<Option<PathBuf>, CgroupError> {
+    let Some(scope) = scope_dir(guest).filter(|d| d.is_dir()) else {
         return Ok(None);
     };
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let own = own
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .unwrap_or("");
-    if Path::new(own.trim_start_matches('/')) != l.v2_parent {
-        return Ok(None);
-    }
-    let leaf = root.join(&l.v2_parent).join("daemon");
+    let leaf = scope.join("supervisor");
     std::fs::create_dir_all(&leaf).map_err(io(&leaf, "create"))?;
     let procs = leaf.join("cgroup.procs");
     write_file(&procs, &std::process::id().to_string()).map_err(io(&procs, "join"))?;
@@ -209,7 +210,7 @@ pub struct Cgroup {
 impl Cgroup {
     /// Paths for guest `name` on this host (no IO beyond layout detection).
     pub fn for_guest(name: &str) -> Cgroup {
-        Cgroup::with_layout(Layout::detect(), name)
+        Cgroup::with_layout(Layout::for_guest(name), name)
     }
 
     pub fn with_layout(layout: Layout, name: &str) -> Cgroup {
@@ -433,18 +434,23 @@ impl Cgroup {
     }
 }
 
-/// Removes the shared `berth/` parent groups if no guest group is left in
-/// them. Returns the paths removed.
+/// Removes the shared `berth/` parent groups (at the root, or under
+/// `BERTH_CGROUP_PARENT`) if no guest group is left in them. Returns the
+/// paths removed. Under systemd each guest's scope has its own `berth/`,
+/// which systemd removes with the scope.
 pub fn remove_parents_if_empty() -> Vec<PathBuf> {
+    let parent = guest_parent(
+        std::env::var("BERTH_CGROUP_PARENT").ok().as_deref(),
+        false,
+        "",
+    );
     let l = Layout::detect();
     let mut removed = Vec::new();
-    let v1 = [
-        (&l.v1_memory, &l.v1_memory_parent),
-        (&l.v1_cpu, &l.v1_cpu_parent),
-    ]
-    .into_iter()
-    .filter_map(|(r, parent)| r.as_ref().map(|r| r.join(parent).join("berth")));
-    for p in l.v2_berth().into_iter().chain(v1) {
+    let shared = [&l.v2, &l.v1_memory, &l.v1_cpu]
+        .into_iter()
+        .flatten()
+        .map(|r| r.join(&parent).join("berth"));
+    for p in shared {
         // rmdir fails (ENOTEMPTY/EBUSY) while a child group exists: fine.
         if p.is_dir() && std::fs::remove_dir(&p).is_ok() {
             removed.push(p);
@@ -576,102 +582,75 @@ mod tests {
     }
 
     #[test]
-    fn under_systemd_guests_live_in_the_daemons_unit() {
+    fn under_systemd_each_guest_lives_in_its_own_scope() {
+        let parent = guest_parent(None, true, "db1");
+        assert_eq!(parent, PathBuf::from("machine.slice/berth-db1.scope"));
         let l = Layout {
             v2: Some("/sys/fs/cgroup".into()),
             v2_controllers: vec!["memory".into()],
             v1_memory: None,
             v1_cpu: None,
-            v2_parent: "system.slice/berth.service".into(),
-            v1_memory_parent: PathBuf::new(),
-            v1_cpu_parent: PathBuf::new(),
+            v2_parent: parent.clone(),
+            v1_memory_parent: parent.clone(),
+            v1_cpu_parent: parent,
         };
         let c = Cgroup::with_layout(l, "db1");
         assert_eq!(
             c.v2.as_deref(),
             Some(Path::new(
-                "/sys/fs/cgroup/system.slice/berth.service/berth/db1"
+                "/sys/fs/cgroup/machine.slice/berth-db1.scope/berth/db1"
             ))
         );
     }
 
     #[test]
-    fn parent_is_derived_from_proc_self_cgroup_under_systemd_only() {
-        let unit = "0::/system.slice/berth.service\n";
+    fn guest_parent_rules() {
         // Without systemd: the root, as before.
-        assert_eq!(v2_parent(None, false, unit), PathBuf::new());
-        // The daemon in its unit, or already moved into the `daemon` leaf,
-        // and a supervisor it started: all the same parent.
+        assert_eq!(guest_parent(None, false, "a"), PathBuf::new());
+        // BERTH_CGROUP_PARENT wins, with or without systemd; blank is unset.
         assert_eq!(
-            v2_parent(None, true, unit),
-            PathBuf::from("system.slice/berth.service")
-        );
-        assert_eq!(
-            v2_parent(None, true, "0::/system.slice/berth.service/daemon\n"),
-            PathBuf::from("system.slice/berth.service")
-        );
-        // Hybrid hosts list v1 hierarchies too; only the `0::` line counts.
-        assert_eq!(
-            v2_parent(
-                None,
-                true,
-                "12:memory:/system.slice/berth.service\n1:name=systemd:/x\n0::/system.slice/berth.service\n"
-            ),
-            PathBuf::from("system.slice/berth.service")
-        );
-        // Started by hand in a session scope: that scope.
-        assert_eq!(
-            v2_parent(None, true, "0::/user.slice/user-0.slice/session-3.scope\n"),
-            PathBuf::from("user.slice/user-0.slice/session-3.scope")
-        );
-        // No unit in the path, or no cgroup2 line: the root.
-        assert_eq!(v2_parent(None, true, "0::/\n"), PathBuf::new());
-        assert_eq!(v2_parent(None, true, "4:cpu:/x\n"), PathBuf::new());
-        // BERTH_CGROUP_PARENT wins, with or without systemd.
-        assert_eq!(
-            v2_parent(Some("/machine.slice/berth"), false, unit),
+            guest_parent(Some("/machine.slice/berth"), true, "a"),
             PathBuf::from("machine.slice/berth")
         );
-        assert_eq!(v2_parent(Some("  "), false, unit), PathBuf::new());
+        assert_eq!(guest_parent(Some("  "), false, "a"), PathBuf::new());
+        assert_eq!(
+            guest_parent(Some("  "), true, "web-1"),
+            PathBuf::from("machine.slice/berth-web-1.scope")
+        );
     }
 
     #[test]
-    fn hybrid_host_under_systemd_uses_the_units_v1_groups() {
-        let own = "12:memory:/system.slice/berth.service/daemon\n4:cpu,cpuacct:/system.slice/berth.service\n1:name=systemd:/system.slice/berth.service\n0::/system.slice/berth.service/daemon\n";
-        let p = |h| unit_parent(None, true, own, h);
-        assert_eq!(
-            p(Hierarchy::V1("memory")),
-            PathBuf::from("system.slice/berth.service")
-        );
-        assert_eq!(
-            p(Hierarchy::V1("cpu")),
-            PathBuf::from("system.slice/berth.service")
-        );
-        // `cpuacct` is not `cpu`, and a controller absent from v1 gives the root.
-        assert_eq!(
-            unit_parent(None, true, "4:cpuacct:/a.service\n", Hierarchy::V1("cpu")),
-            PathBuf::new()
-        );
+    fn scope_is_asked_of_systemd_run_with_delegation() {
+        let v = scope_argv("web-1");
+        assert_eq!(v[0], "systemd-run");
+        for want in [
+            "--scope",
+            "--unit=berth-web-1.scope",
+            "--slice=machine.slice",
+            "--property=Delegate=yes",
+        ] {
+            assert!(v.iter().any(|a| a == want), "{want} missing: {v:?}");
+        }
+        assert_eq!(v.last().map(String::as_str), Some("--"));
+    }
+
+    #[test]
+    fn hybrid_host_under_systemd_uses_the_scopes_v1_groups() {
+        let parent = guest_parent(None, true, "db1");
         let l = Layout {
             v2: Some("/sys/fs/cgroup/unified".into()),
             v2_controllers: vec![],
             v1_memory: Some("/sys/fs/cgroup/memory".into()),
             v1_cpu: Some("/sys/fs/cgroup/cpu".into()),
-            v2_parent: p(Hierarchy::V2),
-            v1_memory_parent: p(Hierarchy::V1("memory")),
-            v1_cpu_parent: p(Hierarchy::V1("cpu")),
+            v2_parent: parent.clone(),
+            v1_memory_parent: parent.clone(),
+            v1_cpu_parent: parent,
         };
         let c = Cgroup::with_layout(l, "db1");
         assert_eq!(
             c.v1_memory.as_deref(),
             Some(Path::new(
-                "/sys/fs/cgroup/memory/system.slice/berth.service/berth/db1"
-            ))
-        );
-        assert_eq!(
-            c.v2.as_deref(),
-            Some(Path::new(
-                "/sys/fs/cgroup/unified/system.slice/berth.service/berth/db1"
+                "/sys/fs/cgroup/memory/machine.slice/berth-db1.scope/berth/db1"
             ))
         );
     }

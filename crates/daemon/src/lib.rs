@@ -54,17 +54,6 @@ pub async fn serve(opts: Options) -> Result<(), DaemonError> {
             path: opts.socket.clone(),
         });
     }
-    // Under systemd: out of the unit's own cgroup, so berth's guest groups
-    // can live in its delegated subtree (see berth_container::cgroup).
-    match berth_container::cgroup::enter_delegated_leaf() {
-        Ok(Some(leaf)) => {
-            tracing::info!(cgroup = %leaf.display(), "moved into a leaf of the unit's delegated cgroup")
-        }
-        Ok(None) => {}
-        Err(e) => tracing::warn!(
-            "cannot leave the unit's own cgroup: {e}; guests' memory/cpu limits may not apply"
-        ),
-    }
     let store = berth_store::Store::open(&opts.state_dir)?;
     let exe = std::env::current_exe().map_err(DaemonError::Exe)?;
     let listener = bind(&opts.socket)?;

@@ -1,12 +1,13 @@
 //! Keeps running guests registered with systemd-machined on systemd hosts.
 //!
-//! Each supervisor registers its guest when it starts (berth_shim::machined),
-//! with the guest in berth.service's cgroup. machined forgets a machine whose
-//! unit it sees inactive, and a restart of berth.service (package update,
-//! crash) can be seen as one: the guests run on, unlisted. So the daemon
-//! compares machined's list with the running guests right after it starts
-//! and then every few seconds, and registers again what is missing. One
-//! `busctl` call per round; nothing at all without systemd.
+//! Each supervisor registers its guest when it starts (berth_shim::machined).
+//! machined forgets a machine whose unit it sees inactive: with guests in
+//! berth.service's cgroup, a restart of the daemon's unit dropped them (the
+//! guests ran on, unlisted). Guests now live in scopes of their own
+//! (berth_container::cgroup), which a daemon restart does not touch; as a
+//! safety net the daemon still compares machined's list with the running
+//! guests when it starts and every few seconds, and registers again what is
+//! missing. One `busctl` call per round; nothing at all without systemd.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

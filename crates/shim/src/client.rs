@@ -92,7 +92,20 @@ pub fn spawn(exe: &Path, state_dir: &Path, guest: &str) -> std::io::Result<u32> 
         .create(true)
         .append(true)
         .open(paths.shim_log())?;
-    let mut cmd = Command::new(exe);
+    // On systemd hosts the supervisor and its guest get a scope of their
+    // own (berth_container::cgroup); when it already exists (the guest
+    // outlived an earlier supervisor) the supervisor joins it itself.
+    let scope = berth_container::cgroup::scope_dir(guest)
+        .filter(|d| !d.is_dir())
+        .map(|_| berth_container::cgroup::scope_argv(guest));
+    let mut cmd = match &scope {
+        Some(argv) => {
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
     cmd.arg("shim")
         .arg("--state-dir")
         .arg(state_dir)

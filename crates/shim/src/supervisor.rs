@@ -210,6 +210,14 @@ pub fn run(state_dir: &Path, guest: &str) -> Result<(), ShimError> {
         source,
     })?;
 
+    // Under systemd: into the leaf of the guest's scope (see
+    // berth_container::cgroup), before any guest group is made.
+    let scope_note = match berth_container::cgroup::enter_guest_scope(guest) {
+        Ok(Some(leaf)) => Some(format!("in cgroup {}", leaf.display())),
+        Ok(None) => None,
+        Err(e) => Some(format!("warning: not in the guest's scope: {e}")),
+    };
+
     // Signals are taken by a dedicated thread with sigwait; block them in
     // every thread first (threads inherit the mask).
     let mut sigs = SigSet::empty();
@@ -252,6 +260,9 @@ pub fn run(state_dir: &Path, guest: &str) -> Result<(), ShimError> {
         "supervising guest `{guest}` (restart={:?})",
         cfg.restart
     ));
+    if let Some(note) = scope_note {
+        log(&note);
+    }
 
     {
         let sh = Arc::clone(&shared);
