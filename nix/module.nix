@@ -123,15 +123,18 @@ let
     };
   };
   # Templates and companions take rootfs/command (container) or
-  # kernel/initrd (VM) as paths; building them from `config` is for guests.
+  # kernel/initrd (VM) as paths; building them from `config` is for guests,
+  # so they have no `config` option (setting one is an unknown-option error
+  # instead of being silently dropped).
+  memberOptions = removeAttrs commonOptions [ "config" ];
   companionType = types.submodule {
-    options = commonOptions // {
+    options = memberOptions // {
       name = mkOption { type = types.str; description = "Member web-0's companion db is web-0-db."; };
       indexBase = mkOption { type = types.ints.positive; description = "Member i's companion gets index indexBase + i."; };
     };
   };
   templateType = types.submodule {
-    options = commonOptions // {
+    options = memberOptions // {
       companions = mkOption { type = types.listOf companionType; default = [ ]; description = "Containers started with each member and tied to its life."; };
     };
   };
@@ -271,9 +274,7 @@ let
   spec = import ./spec.nix {
     host = { inherit (cfg.host) uplink subnet4 subnet6 maxGuests; };
     guests = lib.mapAttrs resolve cfg.guests;
-    groups = lib.mapAttrs (_: g: g // { template = removeAttrs g.template [ "config" ] // {
-      companions = map (c: removeAttrs c [ "config" ]) g.template.companions;
-    }; }) cfg.groups;
+    groups = cfg.groups;
     images = cfg.images;
   };
   specFile = pkgs.writeText "berth-spec.json" (builtins.toJSON spec);
