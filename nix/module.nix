@@ -15,7 +15,7 @@
 # checks.<system>.vm-test.
 { config, lib, pkgs, ... }:
 let
-  inherit (lib) mkOption mkEnableOption mkIf types literalExpression;
+  inherit (lib) mkOption mkEnableOption mkIf types literalExpression literalMD;
   cfg = config.services.berth;
   nullOr = types.nullOr;
 
@@ -287,7 +287,7 @@ in
     package = mkOption {
       type = types.package;
       default = pkgs.berth or (throw "services.berth.package is not set: use the berth flake's nixosModules.default (which sets it) or set it to berth's package");
-      defaultText = literalExpression "pkgs.berth (the flake's nixosModules.default sets the flake's package)";
+      defaultText = literalMD "`pkgs.berth` (the flake's `nixosModules.default` sets the flake's package)";
       description = "The berth package.";
     };
     stateDir = mkOption { type = types.path; default = "/var/lib/berth"; description = "State directory (store, guest files)."; };
@@ -317,7 +317,7 @@ in
       type = types.path;
       readOnly = true;
       default = specFile;
-      defaultText = literalExpression "berth-spec.json in the store";
+      defaultText = literalMD "`berth-spec.json` in the store";
       description = "The generated spec (read-only), e.g. for `berth plan`.";
     };
   };
