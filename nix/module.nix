@@ -10,8 +10,10 @@
 #
 # The option -> spec translation is nix/spec.nix (pure, tested with Debian's
 # nix-instantiate in crates/berth/tests/nix_module.rs). This file needs
-# nixpkgs and is only parse-checked in berth's CI; what only a NixOS machine
-# can verify is marked "NixOS-only" below and exercised by the flake's
+# nixpkgs: berth's CI (no nixpkgs) only parse-checks it; with a nixpkgs
+# (BERTH_NIXPKGS=/path/to/nixpkgs) the same tests evaluate it with
+# lib.evalModules (nix/tests/module/eval.nix). What only a NixOS machine can
+# verify is marked "NixOS-only" below and exercised by the flake's
 # checks.<system>.vm-test.
 { config, lib, pkgs, ... }:
 let
