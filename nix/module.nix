@@ -10,12 +10,14 @@
 #
 # The option -> spec translation is nix/spec.nix (pure, tested with Debian's
 # nix-instantiate in crates/berth/tests/nix_module.rs). This file needs
-# nixpkgs and is only parse-checked in berth's CI; what only a NixOS machine
-# can verify is marked "NixOS-only" below and exercised by the flake's
+# nixpkgs: berth's CI (no nixpkgs) only parse-checks it; with a nixpkgs
+# (BERTH_NIXPKGS=/path/to/nixpkgs) the same tests evaluate it with
+# lib.evalModules (nix/tests/module/eval.nix). What only a NixOS machine can
+# verify is marked "NixOS-only" below and exercised by the flake's
 # checks.<system>.vm-test.
 { config, lib, pkgs, ... }:
 let
-  inherit (lib) mkOption mkEnableOption mkIf types literalExpression;
+  inherit (lib) mkOption mkEnableOption mkIf types literalExpression literalMD;
   cfg = config.services.berth;
   nullOr = types.nullOr;
 
@@ -123,15 +125,18 @@ let
     };
   };
   # Templates and companions take rootfs/command (container) or
-  # kernel/initrd (VM) as paths; building them from `config` is for guests.
+  # kernel/initrd (VM) as paths; building them from `config` is for guests,
+  # so they have no `config` option (setting one is an unknown-option error
+  # instead of being silently dropped).
+  memberOptions = removeAttrs commonOptions [ "config" ];
   companionType = types.submodule {
-    options = commonOptions // {
+    options = memberOptions // {
       name = mkOption { type = types.str; description = "Member web-0's companion db is web-0-db."; };
       indexBase = mkOption { type = types.ints.positive; description = "Member i's companion gets index indexBase + i."; };
     };
   };
   templateType = types.submodule {
-    options = commonOptions // {
+    options = memberOptions // {
       companions = mkOption { type = types.listOf companionType; default = [ ]; description = "Containers started with each member and tied to its life."; };
     };
   };
@@ -271,9 +276,7 @@ let
   spec = import ./spec.nix {
     host = { inherit (cfg.host) uplink subnet4 subnet6 maxGuests; };
     guests = lib.mapAttrs resolve cfg.guests;
-    groups = lib.mapAttrs (_: g: g // { template = removeAttrs g.template [ "config" ] // {
-      companions = map (c: removeAttrs c [ "config" ]) g.template.companions;
-    }; }) cfg.groups;
+    groups = cfg.groups;
     images = cfg.images;
   };
   specFile = pkgs.writeText "berth-spec.json" (builtins.toJSON spec);
@@ -286,7 +289,7 @@ in
     package = mkOption {
       type = types.package;
       default = pkgs.berth or (throw "services.berth.package is not set: use the berth flake's nixosModules.default (which sets it) or set it to berth's package");
-      defaultText = literalExpression "pkgs.berth (the flake's nixosModules.default sets the flake's package)";
+      defaultText = literalMD "`pkgs.berth` (the flake's `nixosModules.default` sets the flake's package)";
       description = "The berth package.";
     };
     stateDir = mkOption { type = types.path; default = "/var/lib/berth"; description = "State directory (store, guest files)."; };
@@ -316,7 +319,7 @@ in
       type = types.path;
       readOnly = true;
       default = specFile;
-      defaultText = literalExpression "berth-spec.json in the store";
+      defaultText = literalMD "`berth-spec.json` in the store";
       description = "The generated spec (read-only), e.g. for `berth plan`.";
     };
   };
