@@ -1,9 +1,10 @@
 {
   description = "berth: declarative VMs and containers for Linux hosts (NixOS first)";
 
-  # nixos-25.05 has rustc 1.86 (the workspace needs >= 1.85, edition 2024).
+  # The workspace needs rustc >= 1.88 (edition 2024; hadris-iso 2.5 asks
+  # for 1.88): nixos-25.05 has 1.86, so nixos-25.11.
   # No flake.lock is committed yet: `nix flake lock` creates one.
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.05";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-25.11";
 
   outputs = { self, nixpkgs }:
     let

@@ -203,6 +203,10 @@ let
     imports = [ "${modulesPath}/profiles/qemu-guest.nix" ];
     boot.loader.grub.enable = false;
     boot.initrd.availableKernelModules = [ "virtio_mmio" "virtio_blk" "virtio_net" "squashfs" ];
+    # Loaded, not only available: a microvm's virtio-mmio devices are named
+    # on the kernel command line (virtio_mmio.device=...), which udev cannot
+    # match a module to, and the store disk is needed before stage 2.
+    boot.initrd.kernelModules = [ "virtio_mmio" "virtio_blk" "squashfs" ];
     boot.kernelParams = [ "console=ttyS0" ];
     fileSystems."/" = lib.mkDefault { device = "tmpfs"; fsType = "tmpfs"; options = [ "mode=0755" ]; };
     fileSystems."/nix/store" = { device = "/dev/vda"; fsType = "squashfs"; options = [ "ro" ]; neededForBoot = true; };
@@ -353,6 +357,8 @@ in
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
       inherit environment;
+      # nix-store: serving the host's store to guests with `nixCache`.
+      path = [ config.nix.package ];
       serviceConfig = {
         ExecStart = "${cfg.package}/bin/berth daemon";
         # The daemon sends READY=1 once it serves the API.
@@ -362,8 +368,10 @@ in
         # must survive its restart (package update, crash): only the main
         # process is killed; a new daemon re-adopts the running guests.
         KillMode = "process";
-        # The daemon and its supervisors manage cgroups themselves.
-        Delegate = "yes";
+        # No Delegate=: every guest lives in a scope of its own
+        # (machine.slice/berth-<guest>.scope, made by its supervisor with
+        # systemd-run), so a restart of this unit cannot touch guests and
+        # systemd never starts the daemon into a cgroup berth changed.
         Restart = "always";
         RestartSec = "1s";
         TasksMax = "infinity";

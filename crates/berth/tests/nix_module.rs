@@ -16,7 +16,7 @@
 //! - each case above, given as `services.berth` options, makes the module
 //!   write the case's expected JSON; a host with every kind of guest gets the
 //!   units this module promises (`Type=notify`, `KillMode=process`,
-//!   `Delegate=yes`, the apply unit on the spec file) and a spec that
+//!   no `Delegate=` (guests live in scopes of their own), the apply unit on the spec file) and a spec that
 //!   `berth validate` accepts; guests from `config` resolve to the paths of
 //!   their (stand-in) builds; the flake's `nixosModules.default` sets the
 //!   package; the option docs render;
@@ -386,11 +386,14 @@ fn module_evaluates_with_the_module_system() {
         ("Type", json!("notify")),
         ("NotifyAccess", json!("main")),
         ("KillMode", json!("process")),
-        ("Delegate", json!("yes")),
         ("Restart", json!("always")),
     ] {
         assert_eq!(daemon["serviceConfig"][key], want, "berth.service {key}");
     }
+    assert!(
+        daemon["serviceConfig"].get("Delegate").is_none(),
+        "guests live in scopes of their own: berth.service must not delegate"
+    );
     let exec = str_at(daemon, "/serviceConfig/ExecStart");
     assert!(
         exec.starts_with("/nix/store/") && exec.ends_with("-berth-stub/bin/berth daemon"),

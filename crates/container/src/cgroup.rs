@@ -159,6 +159,28 @@ pub fn scope_dir(guest: &str) -> Option<PathBuf> {
     l.v2.map(|r| r.join(GUEST_SLICE).join(guest_scope(guest)))
 }
 
+/// Whether a supervisor for `guest` must ask systemd for a new scope
+/// (`Some(scope_argv)`) or join the existing one itself (`None`, also when
+/// scopes are not used). A scope whose processes have all exited is on its
+/// way out: systemd removes it within moments, so wait for that (up to
+/// `wait`) rather than join a cgroup no unit will own.
+pub fn scope_to_create(guest: &str, wait: std::time::Duration) -> Option<Vec<String>> {
+    let dir = scope_dir(guest)?;
+    let deadline = Instant::now() + wait;
+    while dir.is_dir() && !populated(&dir) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (!dir.is_dir()).then(|| scope_argv(guest))
+}
+
+/// `populated 1` in the group's `cgroup.events`: a process is in it or
+/// below it.
+fn populated(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.events"))
+        .map(|s| s.lines().any(|l| l.trim() == "populated 1"))
+        .unwrap_or(false)
+}
+
 /// The `systemd-run` arguments that run `command` in a new scope for
 /// `guest` (systemd-run execs it in place: same PID, same file descriptors).
 pub fn scope_argv(guest: &str) -> Vec<String> {

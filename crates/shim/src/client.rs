@@ -95,9 +95,7 @@ pub fn spawn(exe: &Path, state_dir: &Path, guest: &str) -> std::io::Result<u32> 
     // On systemd hosts the supervisor and its guest get a scope of their
     // own (berth_container::cgroup); when it already exists (the guest
     // outlived an earlier supervisor) the supervisor joins it itself.
-    let scope = berth_container::cgroup::scope_dir(guest)
-        .filter(|d| !d.is_dir())
-        .map(|_| berth_container::cgroup::scope_argv(guest));
+    let scope = berth_container::cgroup::scope_to_create(guest, Duration::from_secs(3));
     let mut cmd = match &scope {
         Some(argv) => {
             let mut c = Command::new(&argv[0]);

@@ -95,6 +95,7 @@ let
       };
       systemd.services = mkOption { type = types.attrsOf serviceType; default = { }; };
       system.stateVersion = mkOption { type = types.str; default = "25.05"; };
+      nix.package = mkOption { type = types.package; default = fakePackage "nix-stub" "nix"; };
     };
   };
 
@@ -242,6 +243,7 @@ let
       boot.isContainer = mkOption { type = types.bool; default = false; };
       boot.loader.grub.enable = mkOption { type = types.bool; default = true; };
       boot.initrd.availableKernelModules = mkOption { type = types.listOf types.str; default = [ ]; };
+      boot.initrd.kernelModules = mkOption { type = types.listOf types.str; default = [ ]; };
       boot.kernelParams = mkOption { type = types.listOf types.str; default = [ ]; };
       fileSystems = mkOption {
         type = types.attrsOf (types.submodule {
