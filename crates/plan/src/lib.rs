@@ -397,11 +397,11 @@ fn opt<T>(v: Option<T>, unset: &str, f: impl FnOnce(T) -> String) -> String {
 
 /// Renders milliseconds the way a spec writes them: "10s", "2m", "500ms".
 pub fn format_duration_ms(ms: u64) -> String {
-    if ms != 0 && ms % 3_600_000 == 0 {
+    if ms != 0 && ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms != 0 && ms % 60_000 == 0 {
+    } else if ms != 0 && ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms != 0 && ms % 1000 == 0 {
+    } else if ms != 0 && ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")

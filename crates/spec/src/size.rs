@@ -38,14 +38,14 @@ impl ByteSize {
     /// True when the size is a whole number of KiB (so it serializes as a
     /// string like `"128M"`).
     fn is_exact(self) -> bool {
-        self.0 != 0 && self.0 % 1024 == 0
+        self.0 != 0 && self.0.is_multiple_of(1024)
     }
 }
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (suffix, unit) in UNITS {
-            if self.0 != 0 && self.0 % unit == 0 {
+            if self.0 != 0 && self.0.is_multiple_of(unit) {
                 return write!(f, "{}{}", self.0 / unit, suffix);
             }
         }

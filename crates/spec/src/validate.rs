@@ -376,14 +376,15 @@ pub fn validate(
         by_rootfs.entry(g.rootfs.as_path()).or_default().push(g);
     }
     for (rootfs, users) in by_rootfs {
-        if users.len() > 1 {
-            if let Some(w) = users.iter().find(|g| g.writes_rootfs()) {
-                let other = users
-                    .iter()
-                    .find(|g| g.name != w.name)
-                    .map(|g| g.name.as_str())
-                    .unwrap_or("");
-                cx.errors.push(SpecError::Invalid {
+        if users.len() > 1
+            && let Some(w) = users.iter().find(|g| g.writes_rootfs())
+        {
+            let other = users
+                .iter()
+                .find(|g| g.name != w.name)
+                .map(|g| g.name.as_str())
+                .unwrap_or("");
+            cx.errors.push(SpecError::Invalid {
                     file: file.to_path_buf(),
                     guest: Some(w.name.clone()),
                     field: "rootfs".into(),
@@ -393,7 +394,6 @@ pub fn validate(
                         w.name
                     ),
                 });
-            }
         }
     }
 
