@@ -267,7 +267,7 @@ impl Cgroup {
                 .filter(|c| self.layout.v2_has(c))
                 .collect();
             // The root, each group down to the parent (under systemd: the
-            // slice, which systemd manages, and the delegated unit), and
+            // slice, which systemd manages, and the guest's delegated scope), and
             // `berth/` itself.
             let mut chain = vec![root.clone()];
             let mut at = root.clone();
@@ -279,7 +279,7 @@ impl Cgroup {
             for c in &wanted {
                 // Best effort: a group must get a controller from its parent
                 // before it can hand it on (systemd enables them down to a
-                // delegated unit). What did not get enabled shows up as a
+                // delegated scope). What did not get enabled shows up as a
                 // missing `memory.max`/`cpu.max`; set_limits falls back or warns.
                 for g in &chain {
                     let _ = write_file(&g.join("cgroup.subtree_control"), &format!("+{c}"));
