@@ -353,6 +353,40 @@ fn daemon_under_systemd_notify_delegation_machined_restarts() {
     let body = sys.ok("curl -sS --max-time 5 http://10.77.0.2/");
     assert!(body.contains("berth-fixture"), "{body}");
 
+    // A scope systemd refuses (its slice masked here) fails that guest's
+    // start at once, with systemd's reason; running guests are not touched.
+    let m = format!("{tag}-m");
+    let spec = std::fs::read_to_string(work.join("spec.toml")).expect("spec");
+    let extra = format!(
+        "{spec}\n[guest.{m}]\nkind = \"container\"\nindex = 4\nrootfs = \"{}\"\n\
+         command = [\"/bin/sh\", \"-c\", \"exec httpd -f -p 80 -h /www\"]\nephemeral = true\n",
+        rootfs.display()
+    );
+    std::fs::write(work.join("more.toml"), extra).expect("spec");
+    sys.ok("systemctl mask --runtime machine.slice");
+    let started = std::time::Instant::now();
+    let out = sys.sh("berth apply --yes /srv/berth-test/more.toml");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "apply with a masked scope succeeded: {text}"
+    );
+    assert!(
+        text.contains("masked") && text.contains("supervisor exited before it started"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the failure took {:?} to show (the supervisor wait is 60 s)",
+        started.elapsed()
+    );
+    assert_eq!(sys.pids().iter().filter(|(_, p)| *p > 0).count(), 2);
+    sys.ok("systemctl unmask --runtime machine.slice");
+
     // Guests that stop are unregistered; nothing is left behind.
     sys.ok("berth destroy --all --yes");
     sys.wait_machines(&[], 15, "after destroy --all");

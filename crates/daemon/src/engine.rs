@@ -47,6 +47,12 @@ pub type ExecOutput = (i32, Vec<u8>, Vec<u8>);
 
 /// How long a started guest must stay up before `apply` calls it started.
 /// A guest that exits within this window is reported as failing at once.
+/// `pid` exists (signal 0). The supervisor's reaper thread (client::spawn)
+/// reaps it at once when it exits, so a dead one is gone, not a zombie.
+fn process_alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
 pub fn start_grace() -> Duration {
     let ms = std::env::var("BERTH_START_GRACE_MS")
         .ok()
@@ -763,12 +769,13 @@ impl Engine {
             return Ok(());
         }
         let _ = std::fs::remove_file(paths.status());
-        client::spawn(&self.exe, &self.state_dir, &g.name)
+        let pid = client::spawn(&self.exe, &self.state_dir, &g.name)
             .map_err(|e| EngineError::guest(&g.name, format!("starting its supervisor: {e}")))?;
-        self.wait_started(g, &paths)
+        self.wait_started(g, &paths, pid)
     }
 
-    fn wait_started(&self, g: &Guest, paths: &GuestPaths) -> Result<(), EngineError> {
+    /// Waits for the supervisor spawned as `pid` to report the guest up.
+    fn wait_started(&self, g: &Guest, paths: &GuestPaths, pid: u32) -> Result<(), EngineError> {
         let deadline = Instant::now() + Duration::from_secs(60);
         let failed = |s: Option<&ShimStatus>| -> EngineError {
             let how = s
@@ -802,6 +809,15 @@ impl Engine {
                     // The shim may have exited already (policy never); its file says why.
                     if let Some(last) = client::last_status(paths).filter(|s| s.state.is_final()) {
                         return Err(failed(Some(&last)));
+                    }
+                    // It died before it could say anything (systemd-run
+                    // refused the scope, a broken binary): its log says why.
+                    if !process_alive(pid) && client::status(paths).is_none() {
+                        let tail = berth_shim::tail_lines(&paths.shim_log(), 3);
+                        return Err(EngineError::guest(
+                            &g.name,
+                            format!("its supervisor exited before it started: {tail}"),
+                        ));
                     }
                     if Instant::now() > deadline {
                         let _ = self.stop_shim(&g.name);
