@@ -220,27 +220,7 @@ let
       after = [ "sys-subsystem-net-devices-eth0.device" ];
       path = [ pkgs.iproute2 ];
       serviceConfig = { Type = "oneshot"; RemainAfterExit = true; };
-      script = ''
-        dev=eth0
-        for arg in $(cat /proc/cmdline); do
-          case "$arg" in
-            ip=*) IFS=: read -r addr _ gw _ _ d _ <<< "''${arg#ip=}"; dev=''${d:-eth0} ;;
-            berth.ip6=*) addr6=''${arg#berth.ip6=} ;;
-            berth.gw6=*) gw6=''${arg#berth.gw6=} ;;
-          esac
-        done
-        ip link set "$dev" up
-        if [ -n "''${addr:-}" ]; then
-          ip addr replace "$addr/32" dev "$dev"
-          ip route replace "$gw/32" dev "$dev"
-          ip route replace default via "$gw" dev "$dev" onlink
-        fi
-        if [ -n "''${addr6:-}" ]; then
-          ip -6 addr replace "$addr6/128" dev "$dev" nodad
-          ip -6 route replace "$gw6/128" dev "$dev"
-          ip -6 route replace default via "$gw6" dev "$dev" onlink
-        fi
-      '';
+      script = builtins.readFile ./guest-network.sh;
     };
   };
   vmSystem = name: g: evalGuest name [ g.config vmProfile ];
