@@ -49,6 +49,13 @@ let
       unhealthyAfter = opt types.ints.positive "Failures in a row to become unhealthy (default 2).";
     };
   };
+  bindType = types.submodule {
+    options = {
+      source = mkOption { type = types.str; description = "Host path (absolute, must exist)."; };
+      target = opt types.str "Path in the container (default: `source`).";
+      readOnly = opt types.bool "Mount read-only (berth's default: true).";
+    };
+  };
   nicType = types.submodule {
     options = {
       mode = mkOption { type = types.enum [ "macvtap" "segment" "vfio" ]; description = "macvtap on a host port, a private segment, or VFIO passthrough."; };
@@ -98,6 +105,12 @@ let
       stopTimeout = opt (types.strMatching "[0-9]+(ms|s|m|h)") "How long a stop waits before killing, e.g. \"10s\" (berth's default).";
       ephemeral = opt types.bool "Container: throw-away overlay over the rootfs.";
       readOnly = opt types.bool "Container: read-only rootfs.";
+      binds = mkOption {
+        type = types.listOf bindType;
+        default = [ ];
+        example = literalExpression ''[ { source = "/srv/web"; target = "/var/www"; readOnly = false; } ]'';
+        description = "Container: host paths mounted into the container (with `config`: after the host's /nix/store, which is always bound read-only).";
+      };
       # VMs
       machine = opt (types.enum [ "microvm" "q35" ]) "VM: machine type (berth's default: microvm).";
       accel = opt (types.enum [ "auto" "kvm" "tcg" ]) "VM: accelerator (berth's default: auto).";
@@ -181,19 +194,22 @@ let
     }];
   };
 
-  # Container: systemd-nspawn needs a directory with /usr and /etc/os-release
-  # and the guest's /nix/store inside it (berth has no bind mounts), so the
-  # rootfs is a store path holding a copy of the system's closure. It is
-  # read-only, hence ephemeral by default (writes go to a tmpfs overlay).
+  # Container: as nixos-containers do, the host's /nix/store is bound into
+  # the container read-only (`binds`) and the rootfs is a tiny store path:
+  # what systemd-nspawn wants to see (/usr, /etc/os-release), /sbin/init and
+  # an empty /nix/store to mount on. It is read-only, hence ephemeral by
+  # default: writes go to a tmpfs overlay, and with --private-users nspawn
+  # chowns only this tiny tree, not a whole closure (overlayfs cannot be
+  # id-mapped on most kernels, so an overlay over a copy of the closure
+  # meant copying all of it into memory at every start).
   containerSystem = name: g: evalGuest name [ g.config { boot.isContainer = true; } ];
   containerRootfs = name: toplevel:
-    pkgs.runCommand "berth-rootfs-${name}" { closure = pkgs.closureInfo { rootPaths = [ toplevel ]; }; } ''
+    pkgs.runCommand "berth-rootfs-${name}" { } ''
       mkdir -p $out/usr $out/etc $out/sbin $out/nix/store $out/nix/var/nix
       cp -L ${toplevel}/etc/os-release $out/etc/os-release
       ln -s ${toplevel}/init $out/sbin/init
-      while read -r p; do cp -a "$p" $out/nix/store/; done < $closure/store-paths
-      cp $closure/registration $out/nix-path-registration
     '';
+  storeBind = { source = "/nix/store"; target = "/nix/store"; readOnly = true; };
 
   # VM: a microvm booting the system's kernel and initrd; / is a tmpfs,
   # /nix/store a read-only squashfs image of the closure attached as the
@@ -243,6 +259,7 @@ let
         rootfs = "${containerRootfs name top}";
         command = [ "${top}/init" ];
         ephemeral = orDefault g.ephemeral true;
+        binds = [ storeBind ] ++ g.binds;
       }
     else
       let

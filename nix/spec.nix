@@ -57,6 +57,7 @@ let
     stopTimeout = "stop_timeout";
     ephemeral = "ephemeral";
     readOnly = "read_only";
+    binds = "binds";
     # VMs
     machine = "machine";
     accel = "accel";
@@ -89,6 +90,11 @@ let
     size = "size";
     format = "format";
     readOnly = "readonly";
+  };
+  bindFields = {
+    source = "source";
+    target = "target";
+    readOnly = "read_only";
   };
   nicFields = {
     mode = "mode";
@@ -168,7 +174,7 @@ let
       listToAttrs (filter (kv: kv != null) (map
         (n:
           let v = valueOf n attrs.${n}; in
-          if n == "env" && v == { } || n == "disks" && v == [ ] || n == "companions" && v == [ ] || n == "nic" && v == [ ] then null
+          if n == "env" && v == { } || n == "disks" && v == [ ] || n == "companions" && v == [ ] || n == "nic" && v == [ ] || n == "binds" && v == [ ] then null
           else { name = fields.${n}; value = v; })
         set));
 
@@ -197,6 +203,12 @@ let
                 (i: translate "guest ${name}: nic[${toString i}]" nicFields (_: plain) (builtins.elemAt v i))
                 (builtins.length v)
             else throw "berth (nix/spec.nix): guest ${name}: nic must be a list")
+          else if n == "binds" then
+            (if isList v then
+              builtins.genList
+                (i: translate "guest ${name}: binds[${toString i}]" bindFields (_: plain) (builtins.elemAt v i))
+                (builtins.length v)
+            else throw "berth (nix/spec.nix): guest ${name}: binds must be a list")
           else if n == "health" then translate "guest ${name}: health" healthFields (_: plain) v
           else if n == "backup" then translate "guest ${name}: backup" backupFields (_: plain) v
           else if n == "seed" then translate "guest ${name}: seed" seedFields (_: plain) v

@@ -17,5 +17,9 @@ import ../spec.nix {
     ephemeral = true;
     readOnly = false;
     nixCache = true;
+    binds = [
+      { source = "${root}/rootfs"; target = "/srv/data"; readOnly = null; }
+      { source = "/tmp"; target = null; readOnly = false; }
+    ];
   };
 }

@@ -56,6 +56,7 @@ fn raw_nspawn(
                         sync_dir: sync.clone(),
                         ephemeral: true,
                         read_only: false,
+                        binds: Vec::new(),
                     });
                     let link = berth_net::GuestLink {
                         name: format!("vb{i}"),

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+mod common;
+
 use berth_testkit::{Cap, busybox_rootfs, require, unique_tag, vm_fixture, wait_until};
 
 const CAPS: &[Cap] = &[
@@ -404,4 +406,103 @@ fn daemon_under_systemd_notify_delegation_machined_restarts() {
     sys.poweroff();
     drop(sys);
     let _ = std::fs::remove_dir_all(&work);
+}
+
+/// A NixOS-container-like rootfs: a tiny tree (`/etc/os-release`, an empty
+/// `/usr` to mount on, the merged-/usr symlinks) whose programs come from a
+/// read-only bind of the host's `/usr`, as a container built from a NixOS
+/// `config` gets the host's /nix/store.
+fn tiny_root(dir: &Path) {
+    std::fs::create_dir_all(dir.join("etc")).expect("mkdir etc");
+    std::fs::create_dir_all(dir.join("usr")).expect("mkdir usr");
+    std::fs::copy("/etc/os-release", dir.join("etc/os-release"))
+        .or_else(|_| std::fs::copy("/usr/lib/os-release", dir.join("etc/os-release")))
+        .expect("os-release");
+    for link in ["bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
+        let host = Path::new("/").join(link);
+        if let Ok(to) = std::fs::read_link(&host) {
+            std::os::unix::fs::symlink(to, dir.join(link)).expect("symlink");
+        }
+    }
+}
+
+/// A container whose command is an init system (systemd, as a NixOS guest
+/// built from `config` runs `${toplevel}/init`) on a tiny ephemeral rootfs
+/// with its programs bound in read-only (`binds`, as the module binds the
+/// host's /nix/store): berth runs it as PID 1 with
+/// `--kill-signal=SIGRTMIN+3`, systemd boots in the container (user
+/// namespace, berth's routed link), the bind is read-only, and `berth stop`
+/// halts it cleanly instead of killing it at the stop timeout.
+#[test]
+fn container_with_systemd_as_init_boots_and_halts_cleanly() {
+    let caps = [
+        Cap::Root,
+        Cap::Netns,
+        Cap::Nspawn,
+        Cap::Nft,
+        Cap::SystemdBoot,
+    ];
+    if !require(
+        "container_with_systemd_as_init_boots_and_halts_cleanly",
+        &caps,
+    ) {
+        return;
+    }
+    let tag = unique_tag("si");
+    let b = common::Berth::new(&tag);
+    let rootdir = tempfile::Builder::new()
+        .prefix("berth-tinyroot-")
+        .tempdir()
+        .expect("tempdir");
+    let root = rootdir.path().to_path_buf();
+    tiny_root(&root);
+    let g = format!("{tag}-s");
+    let guest = format!(
+        "[guest.{g}]\nkind = \"container\"\nindex = 2\nrootfs = \"{}\"\n\
+         command = [\"/lib/systemd/systemd\"]\nephemeral = true\nmemory = \"512M\"\nstop_timeout = \"60s\"\n\
+         binds = [{{ source = \"/usr\" }}]\n",
+        root.display()
+    );
+    let file = b.write("spec.toml", &common::spec(b.net.uplink(), 79, &guest));
+    b.cli_ok(&["apply", "--yes", file.to_str().expect("utf8")]);
+
+    // systemd is PID 1 in the container and finishes booting.
+    let mut last = String::new();
+    let booted = wait_until(Duration::from_secs(120), Duration::from_millis(500), || {
+        let out = b.cli(&["exec", &g, "--", "systemctl", "is-system-running"]);
+        last = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let state = last.trim();
+        (state == "running" || state == "degraded").then_some(())
+    });
+    assert!(
+        booted.is_some(),
+        "systemd did not finish booting in the container: {last}\n{}",
+        b.daemon_log()
+    );
+    let comm = b.cli_ok(&["exec", &g, "--", "cat", "/proc/1/comm"]);
+    assert_eq!(comm.trim(), "systemd");
+    // berth's address is on the container's link.
+    let addrs = b.cli_ok(&["exec", &g, "--", "ip", "-4", "addr"]);
+    assert!(addrs.contains("10.79.0.2/32"), "{addrs}");
+
+    // The bound /usr is read-only in the container.
+    let out = b.cli(&["exec", &g, "--", "touch", "/usr/berth-was-here"]);
+    assert!(!out.status.success(), "/usr is writable in the container");
+    assert!(!Path::new("/usr/berth-was-here").exists());
+
+    // SIGRTMIN+3: systemd halts and exits by itself (a kill at the 60 s
+    // stop timeout would show as a signal).
+    b.cli_ok(&["stop", &g]);
+    let info = b.guest(&g);
+    assert_eq!(info.state, "stopped", "{info:?}");
+    let exit = info.last_exit.clone().unwrap_or_default();
+    assert!(
+        !exit.contains("SIGKILL") && !exit.contains("signal 9"),
+        "systemd was killed, not halted: {exit}"
+    );
+    b.cli_ok(&["destroy", "--all", "--yes"]);
 }

@@ -448,6 +448,13 @@ fn module_evaluates_with_the_module_system() {
         "a store rootfs is ephemeral by default"
     );
     assert_eq!(web["memory"], json!("512M"));
+    // The host's store is bound in read-only, as nixos-containers do; the
+    // rootfs is a tiny tree, not a copy of the closure.
+    assert_eq!(
+        web["binds"],
+        json!([{ "source": "/nix/store", "target": "/nix/store", "read_only": true }]),
+        "{web:#}"
+    );
     let micro = &built["spec"]["guest"]["micro"];
     assert!(
         str_at(micro, "/kernel").ends_with("-linux/bzImage"),

@@ -16,4 +16,4 @@ pub mod nspawn;
 pub mod process;
 
 pub use cgroup::{Cgroup, CgroupError};
-pub use nspawn::{NspawnConfig, nspawn_argv, nspawn_env, systemd_available};
+pub use nspawn::{BindMount, NspawnConfig, nspawn_argv, nspawn_env, systemd_available};

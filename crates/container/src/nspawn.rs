@@ -5,6 +5,14 @@ use std::path::{Path, PathBuf};
 
 use crate::init::{INIT_IN_GUEST, SYNC_IN_GUEST};
 
+/// A host path mounted into the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub read_only: bool,
+}
+
 /// Everything the argv depends on.
 #[derive(Debug, Clone)]
 pub struct NspawnConfig {
@@ -21,6 +29,8 @@ pub struct NspawnConfig {
     pub ephemeral: bool,
     /// Read-only rootfs (`--read-only`).
     pub read_only: bool,
+    /// Host paths mounted into the container (`--bind`/`--bind-ro`).
+    pub binds: Vec<BindMount>,
 }
 
 /// The argument vector, program first.
@@ -62,6 +72,14 @@ pub fn nspawn_argv(c: &NspawnConfig) -> Vec<String> {
     // machined when berth.service restarted, although the container ran on.
     v.push("--keep-unit".into());
     v.push("--register=no".into());
+    for b in &c.binds {
+        v.push(format!(
+            "--bind{}={}:{}",
+            if b.read_only { "-ro" } else { "" },
+            b.source.display(),
+            b.target.display()
+        ));
+    }
     for (k, val) in &c.env {
         v.push(format!("--setenv={k}={val}"));
     }
@@ -111,6 +129,7 @@ mod tests {
             sync_dir: "/var/lib/berth/guests/db1/sync".into(),
             ephemeral: false,
             read_only: false,
+            binds: Vec::new(),
         }
     }
 
@@ -171,6 +190,27 @@ mod tests {
             "/nix/store/x-systemd/lib/systemd/systemd".into()
         ]));
         assert!(!runs_init_system(&["/bin/sh".into()]));
+    }
+
+    #[test]
+    fn binds_become_nspawn_bind_options() {
+        let mut c = cfg();
+        c.binds = vec![
+            BindMount {
+                source: "/nix/store".into(),
+                target: "/nix/store".into(),
+                read_only: true,
+            },
+            BindMount {
+                source: "/srv/data".into(),
+                target: "/data".into(),
+                read_only: false,
+            },
+        ];
+        let v = nspawn_argv(&c);
+        let dd = v.iter().position(|a| a == "--").expect("--");
+        assert!(v[..dd].contains(&"--bind-ro=/nix/store:/nix/store".to_string()));
+        assert!(v[..dd].contains(&"--bind=/srv/data:/data".to_string()));
     }
 
     #[test]

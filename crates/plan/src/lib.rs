@@ -493,6 +493,21 @@ fn diff_guest(old: &Guest, new: &Guest) -> Vec<Diff> {
         flag(new.read_only),
         Impact::Restart,
     );
+    let binds = |g: &Guest| {
+        g.binds
+            .iter()
+            .map(|b| {
+                format!(
+                    "{}:{}{}",
+                    b.source.display(),
+                    b.target.display(),
+                    if b.read_only { ":ro" } else { "" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    diff(&mut d, "binds", binds(old), binds(new), Impact::Restart);
     diff(
         &mut d,
         "command",

@@ -120,6 +120,36 @@ fn table_every_field() {
             vec![("b", K::Restart, I::Restart)],
         ),
         (
+            "binds added",
+            none,
+            |s| {
+                g(s, "b").binds = vec![berth_spec::BindSpec {
+                    source: "/nix/store".into(),
+                    target: None,
+                    read_only: None,
+                }]
+            },
+            vec![("b", K::Restart, I::Restart)],
+        ),
+        (
+            "bind made writable",
+            |s| {
+                g(s, "b").binds = vec![berth_spec::BindSpec {
+                    source: "/srv".into(),
+                    target: None,
+                    read_only: None,
+                }]
+            },
+            |s| {
+                g(s, "b").binds = vec![berth_spec::BindSpec {
+                    source: "/srv".into(),
+                    target: None,
+                    read_only: Some(false),
+                }]
+            },
+            vec![("b", K::Restart, I::Restart)],
+        ),
+        (
             "command",
             none,
             |s| g(s, "b").command = Some(vec!["/bin/httpd".into()]),

@@ -622,6 +622,15 @@ fn start(cfg: &Guest, state_dir: &Path, shared: &Arc<Shared>) -> Result<Child, S
         sync_dir: sync,
         ephemeral: cfg.ephemeral,
         read_only: cfg.read_only,
+        binds: cfg
+            .binds
+            .iter()
+            .map(|b| berth_container::BindMount {
+                source: b.source.clone(),
+                target: b.target.clone(),
+                read_only: b.read_only,
+            })
+            .collect(),
     });
     let procs = cg
         .procs_files(cfg.memory.is_some(), cfg.cpus.is_some())

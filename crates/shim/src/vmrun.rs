@@ -450,6 +450,7 @@ mod tests {
             stop_timeout_ms: 1000,
             ephemeral: false,
             read_only: false,
+            binds: Vec::new(),
             vm: Some(vm.clone()),
             backup: None,
             health: None,

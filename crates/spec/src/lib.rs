@@ -130,6 +130,12 @@ pub struct GuestSpec {
     /// Container: mount `rootfs` read-only (shareable). Default false.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_only: Option<bool>,
+    /// Container: host directories mounted into the container,
+    /// `[{ source = "/nix/store", target = "/nix/store", read_only = true }]`
+    /// (`target` defaults to `source`, `read_only` to true). A container
+    /// built from a NixOS `config` gets the host's /nix/store this way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binds: Vec<BindSpec>,
 
     // ----- VM fields (kind = "vm"); `memory` defaults to 256M, `cpus` is the
     // number of vCPUs (a whole number, default 1).
@@ -316,6 +322,28 @@ pub struct HealthSpec {
     /// Consecutive failures to become unhealthy. Default 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unhealthy_after: Option<u32>,
+}
+
+/// One entry of a container's `binds`.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BindSpec {
+    /// Absolute path of an existing host directory or file.
+    pub source: PathBuf,
+    /// Where it appears in the container (absolute); default: `source`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<PathBuf>,
+    /// Mount it read-only. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+}
+
+/// A validated bind mount: host `source` at `target` in the container.
+#[derive(Serialize, Deserialize, JsonSchema, Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub source: PathBuf,
+    pub target: PathBuf,
+    pub read_only: bool,
 }
 
 /// `backup = { command = [...], restore_command = [...], recipients = ["age1..."] }`

@@ -119,6 +119,9 @@ pub struct Guest {
     /// The rootfs is mounted read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// Host paths mounted into the container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub binds: Vec<crate::Bind>,
     /// The VM part (`kind = "vm"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<crate::vm::Vm>,
@@ -643,6 +646,7 @@ fn validate_guest(
             ("command", g.command.is_some()),
             ("ephemeral", g.ephemeral.is_some()),
             ("read_only", g.read_only.is_some()),
+            ("binds", !g.binds.is_empty()),
             ("env", !g.env.is_empty()),
         ] {
             if set {
@@ -703,6 +707,8 @@ fn validate_guest(
             p.clone()
         }
     };
+
+    let binds = validate_binds(cx, name, &g.binds, probe);
 
     let command = match &g.command {
         None => vec![DEFAULT_COMMAND.to_string()],
@@ -852,6 +858,7 @@ fn validate_guest(
         stop_timeout_ms,
         ephemeral: g.ephemeral.unwrap_or(false),
         read_only: g.read_only.unwrap_or(false),
+        binds,
         backup: g.backup.clone(),
         memory: match &vm {
             Some(v) => Some(v.memory_mib << 20),
@@ -859,6 +866,83 @@ fn validate_guest(
         },
         vm,
     })
+}
+
+/// A container's `binds`: absolute paths without `..` or `:` (nspawn's
+/// separator), an existing source, a target other than `/`, each target
+/// once.
+fn validate_binds(
+    cx: &mut Ctx<'_>,
+    name: &str,
+    binds: &[crate::BindSpec],
+    probe: &dyn HostProbe,
+) -> Vec<crate::Bind> {
+    let mut out: Vec<crate::Bind> = Vec::new();
+    for (i, b) in binds.iter().enumerate() {
+        let field = format!("binds[{i}]");
+        let target = b.target.clone().unwrap_or_else(|| b.source.clone());
+        let mut ok = true;
+        // A target left out is the source: one error for the one path.
+        let checked = [
+            Some(("source", &b.source)),
+            b.target.as_ref().map(|t| ("target", t)),
+        ];
+        for (what, p) in checked.into_iter().flatten() {
+            let text = p.to_string_lossy();
+            let problem = if !p.is_absolute() {
+                Some("must be an absolute path")
+            } else if p
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                Some("must not contain `..`")
+            } else if text.contains(':') {
+                Some("must not contain `:` (systemd-nspawn separates source and target with it)")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                cx.guest(name, &field, format!("{what} {text} {problem}"));
+                ok = false;
+            }
+        }
+        if !ok {
+            continue;
+        }
+        if target == Path::new("/") {
+            cx.guest(
+                name,
+                &field,
+                "target / would hide the rootfs; bind below it, e.g. /srv/data",
+            );
+            continue;
+        }
+        if !probe.exists(&b.source) {
+            cx.guest(
+                name,
+                &field,
+                format!("source {} does not exist on this host", b.source.display()),
+            );
+            continue;
+        }
+        if out.iter().any(|o| o.target == target) {
+            cx.guest(
+                name,
+                &field,
+                format!(
+                    "target {} is bound twice; give each bind its own target",
+                    target.display()
+                ),
+            );
+            continue;
+        }
+        out.push(crate::Bind {
+            source: b.source.clone(),
+            target,
+            read_only: b.read_only.unwrap_or(true),
+        });
+    }
+    out
 }
 
 /// VM-only fields given on a container: say so instead of ignoring them.
