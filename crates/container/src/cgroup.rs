@@ -60,10 +60,10 @@ pub struct Layout {
     pub v1_memory: Option<PathBuf>,
     pub v1_cpu: Option<PathBuf>,
     /// Where `berth/` is in the v2 tree, relative to its root: empty (the
-    /// root) or the daemon's systemd unit, e.g. `system.slice/berth.service`.
+    /// root) or, under systemd, the guest's scope ([`guest_parent`]).
     pub v2_parent: PathBuf,
-    /// The same for the v1 `memory` and `cpu` hierarchies (a hybrid host
-    /// under systemd delegates the unit's group in each of them).
+    /// The same for the v1 `memory` and `cpu` hierarchies (systemd puts a
+    /// scope at the same path in each hierarchy on hybrid hosts).
     pub v1_memory_parent: PathBuf,
     pub v1_cpu_parent: PathBuf,
 }

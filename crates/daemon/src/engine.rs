@@ -45,14 +45,14 @@ impl EngineError {
 /// What an exec gives back: exit code (or 128 + signal), stdout, stderr.
 pub type ExecOutput = (i32, Vec<u8>, Vec<u8>);
 
-/// How long a started guest must stay up before `apply` calls it started.
-/// A guest that exits within this window is reported as failing at once.
 /// `pid` exists (signal 0). The supervisor's reaper thread (client::spawn)
 /// reaps it at once when it exits, so a dead one is gone, not a zombie.
 fn process_alive(pid: u32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
 }
 
+/// How long a started guest must stay up before `apply` calls it started.
+/// A guest that exits within this window is reported as failing at once.
 pub fn start_grace() -> Duration {
     let ms = std::env::var("BERTH_START_GRACE_MS")
         .ok()

@@ -11,10 +11,12 @@
 //! UnregisterMachine("berth-r1")      (not TerminateMachine: that kills)
 //! ```
 //!
-//! Containers are not registered by systemd-nspawn (`--register=no`): with
-//! `--keep-unit`, machined dropped nspawn's registration when berth.service
-//! restarted (the container ran on, unlisted), while a registration made
-//! with `RegisterMachine` survives daemon restarts (tests/e2e_systemd.rs).
+//! Containers are not registered by systemd-nspawn (`--register=no`): both
+//! kinds are registered the same way, from the guest's own scope
+//! (`machine.slice/berth-<guest>.scope`, see berth_container::cgroup), which
+//! is the machine's unit. While guests lived in berth.service's cgroup,
+//! machined dropped them when berth.service restarted (tests/e2e_systemd.rs
+//! checks they stay).
 //!
 //! `RegisterMachine*` (not `CreateMachine*`) keeps QEMU in the cgroup berth
 //! put it in; machined records the unit QEMU runs under (berth.service).
