@@ -460,3 +460,44 @@ fn vfio_and_segment_checks_against_the_real_host() {
         stderr(&o)
     );
 }
+
+/// A `.nix` spec on a host without Nix: one clear error saying how to get
+/// it, exit status 1, nothing applied (no daemon is even asked).
+#[test]
+fn nix_spec_without_nix_says_how_to_get_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = dir.path().join("spec.nix");
+    std::fs::write(
+        &spec,
+        "{ host = { uplink = \"lo\"; subnet4 = \"10.0.0.0/24\"; }; }\n",
+    )
+    .expect("write");
+    let spec = spec.to_str().expect("utf8");
+    for cmd in [
+        vec!["validate", spec],
+        vec!["plan", spec],
+        vec!["apply", "--yes", spec],
+    ] {
+        let o = Command::new(BIN)
+            .args(&cmd)
+            .env("PATH", dir.path())
+            .env("BERTH_STATE_DIR", dir.path().join("state"))
+            .env("BERTH_SOCKET", dir.path().join("berth.sock"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run berth");
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{cmd:?}: {err}");
+        assert!(
+            err.contains("nix-instantiate not found") && err.contains("apt-get install nix-bin"),
+            "{cmd:?}: {err}"
+        );
+        assert_eq!(
+            err.lines().filter(|l| l.starts_with("error")).count(),
+            1,
+            "one error: {err}"
+        );
+        assert_eq!(err.matches("nix-instantiate not found").count(), 1, "{err}");
+    }
+    assert!(!dir.path().join("state").exists(), "state was written");
+}
