@@ -355,6 +355,35 @@ fn daemon_under_systemd_notify_delegation_machined_restarts() {
     let body = sys.ok("curl -sS --max-time 5 http://10.77.0.2/");
     assert!(body.contains("berth-fixture"), "{body}");
 
+    // kill -9 of a supervisor: its container runs on in its scope; the
+    // next daemon start gives it a new supervisor that joins that scope
+    // (no second scope), ends the orphaned processes and starts it again.
+    let ps = sys.ok("berth ps --json");
+    let v: serde_json::Value = serde_json::from_str(&ps).expect("ps --json");
+    let shim = v
+        .as_array()
+        .and_then(|a| a.iter().find(|g| g["name"] == c.as_str()))
+        .and_then(|g| g["shim_pid"].as_i64())
+        .expect("container's shim pid");
+    sys.ok(&format!("kill -9 {shim}"));
+    sys.ok("systemctl restart berth.service");
+    let restarted = wait_until(Duration::from_secs(30), Duration::from_millis(250), || {
+        let now = sys.pids();
+        let pid = now.iter().find(|(n, _)| *n == c).map(|(_, p)| *p)?;
+        (pid > 0 && Some(pid) != pids.iter().find(|(n, _)| *n == c).map(|(_, p)| *p)).then_some(pid)
+    });
+    let new_pid = restarted.unwrap_or_else(|| panic!("container not restarted\n{}", sys.journal()));
+    let cg = sys.ok(&format!("cat /proc/{new_pid}/cgroup"));
+    assert!(
+        cg.contains(&format!("/machine.slice/berth-{c}.scope/berth/{c}")),
+        "{cg}"
+    );
+    let scopes = sys.ok("systemctl list-units --no-legend --all 'berth-*.scope'");
+    assert_eq!(scopes.lines().count(), 2, "{scopes}");
+    sys.wait_machines(&want_sorted, 15, "after the supervisor's kill -9");
+    let body = sys.ok("curl -sS --max-time 5 http://10.77.0.2/");
+    assert!(body.contains("berth-fixture"), "{body}");
+
     // A scope systemd refuses (its slice masked here) fails that guest's
     // start at once, with systemd's reason; running guests are not touched.
     let m = format!("{tag}-m");
@@ -387,6 +416,10 @@ fn daemon_under_systemd_notify_delegation_machined_restarts() {
         started.elapsed()
     );
     assert_eq!(sys.pids().iter().filter(|(_, p)| *p > 0).count(), 2);
+    assert!(
+        !sys.pids().iter().any(|(n, _)| *n == m),
+        "the refused guest is listed as running"
+    );
     sys.ok("systemctl unmask --runtime machine.slice");
 
     // Guests that stop are unregistered; nothing is left behind.
