@@ -355,12 +355,10 @@ fn copy_closure_into_a_vm_without_network() {
     );
     let file = b.write("spec.toml", &spec(b.net.uplink(), 83, &guest));
     b.cli_ok(&["apply", "--yes", file.to_str().expect("utf8")]);
-    // Booted from the disk (its httpd answers once boot is done: typing
-    // into the console earlier loses characters), with a channel for exec.
-    let booted = wait_until(Duration::from_secs(240), Duration::from_secs(1), || {
-        b.curl("http://10.83.0.11/").ok()
-    });
-    assert!(booted.is_some(), "VM did not boot\n{}", b.daemon_log());
+    // Booted from the disk, with a channel for exec. Asked at once, while
+    // the VM still boots: before its agent runs, exec goes over the serial
+    // console, which waits for a shell at its prompt (typed earlier, the
+    // start of the line was lost and an open quote hung the shell).
     let mut last = String::new();
     let up = wait_until(Duration::from_secs(60), Duration::from_secs(1), || {
         let o = b.cli(&["exec", &name, "--", "nix-store", "--version"]);

@@ -689,3 +689,58 @@ fn vm_exec_through_the_guest_agent() {
     assert_eq!(v["stdout"], b64.encode("fell-back\n"));
     assert_eq!(v["stderr"], b64.encode("e\n"));
 }
+
+/// exec over the serial console asked the moment the VM is created, while
+/// it still boots (no agent, no exec port): the console waits for a shell at
+/// its prompt before typing the command. Typed earlier, the start of the
+/// line was lost and what was left (an open quote) kept the shell waiting
+/// until the exec timed out.
+#[test]
+fn console_exec_while_the_vm_boots() {
+    if !require("console_exec_while_the_vm_boots", CAPS) {
+        return;
+    }
+    let fx = vm_fixture().expect("VM fixture");
+    let tag = unique_tag("cb");
+    let b = Berth::new(&tag);
+    let name = format!("{tag}-v");
+    let g = vm(&name, 12, &fx, "").replace(" berth.fetch={inet}", " berth.noqga berth.noexecport");
+    let file = b.write("spec.toml", &spec(b.net.uplink(), 84, &g));
+    b.cli_ok(&["apply", "--yes", file.to_str().expect("utf8")]);
+    let started = std::time::Instant::now();
+    let out = b
+        .cmd(&[
+            "exec",
+            "--json",
+            "--timeout",
+            "120",
+            &name,
+            "--",
+            "echo",
+            "it's up",
+        ])
+        .output()
+        .expect("berth exec");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "exec --json: {e}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            b.daemon_log()
+        )
+    });
+    assert_eq!(v["channel"], "console", "{v}");
+    assert_eq!(v["exit_code"], 0, "{v}");
+    use base64::Engine as _;
+    let stdout = base64::engine::general_purpose::STANDARD
+        .decode(v["stdout"].as_str().expect("stdout"))
+        .expect("base64");
+    assert_eq!(String::from_utf8_lossy(&stdout), "it's up\n");
+    eprintln!(
+        "console exec right after create answered in {:?}",
+        started.elapsed()
+    );
+    // The console is usable afterwards (no shell left in a continuation).
+    let again = exec_json(&b, &name, &["echo", "again"]);
+    assert_eq!(again["exit_code"], 0, "{again}");
+    b.cli_ok(&["destroy", "--all", "--yes"]);
+}

@@ -257,17 +257,45 @@ impl Console {
             *cap = Some(tx);
         }
         let res = (|| {
-            {
+            let deadline = Instant::now() + timeout;
+            let write = |bytes: &[u8]| -> Result<(), String> {
                 let mut m = self
                     .master
                     .lock()
                     .map_err(|_| "console lock poisoned".to_string())?;
                 // Ctrl-U first: drop whatever half-typed line is there.
                 m.write_all(b"\x15")
-                    .and_then(|()| m.write_all(script.as_bytes()))
-                    .map_err(|e| e.to_string())?;
+                    .and_then(|()| m.write_all(bytes))
+                    .map_err(|e| e.to_string())
+            };
+            // A shell must be at its prompt before the script is typed: while
+            // the guest still boots, the start of a line is lost and what is
+            // left (an open quote) would keep the shell waiting for more. So
+            // first a probe without quotes, until its answer comes back.
+            let (probe, answer) = ready_probe();
+            let mut got = Vec::new();
+            'ready: loop {
+                write(probe.as_bytes())?;
+                let retry = Instant::now() + Duration::from_secs(2);
+                loop {
+                    if got.windows(answer.len()).any(|w| w == answer.as_bytes()) {
+                        break 'ready;
+                    }
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(format!(
+                            "no shell answered on the console within {timeout:?} (is a shell at its prompt?)"
+                        ));
+                    }
+                    if now >= retry {
+                        break;
+                    }
+                    if let Ok(chunk) = rx.recv_timeout(retry.min(deadline) - now) {
+                        got.extend_from_slice(&chunk);
+                    }
+                }
             }
-            let deadline = Instant::now() + timeout;
+            write(script.as_bytes())?;
             let mut got = Vec::new();
             loop {
                 if got.windows(end.len()).any(|w| w == end.as_bytes()) {
@@ -292,6 +320,22 @@ impl Console {
     }
 }
 
+/// The probe line typed before a console script and the answer it prints
+/// (which the typed line's own echo does not contain): `x=RDY; echo
+/// BERTH-$x-<nonce>` prints `BERTH-RDY-<nonce>`. The nonce is fresh, and
+/// never the script's end marker: a late answer to an earlier probe must
+/// not end the script's output early.
+fn ready_probe() -> (String, String) {
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    (
+        format!(" x=RDY; echo BERTH-$x-{nonce:x}\n"),
+        format!("BERTH-RDY-{nonce:x}"),
+    )
+}
+
 /// The last `max` bytes of the history.
 fn history(path: &Path, max: u64) -> Vec<u8> {
     let Ok(mut f) = File::open(path) else {
@@ -302,4 +346,19 @@ fn history(path: &Path, max: u64) -> Vec<u8> {
     let mut buf = Vec::new();
     let _ = f.read_to_end(&mut buf);
     buf
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ready_probe_answer_is_not_in_its_own_echo() {
+        let (probe, answer) = super::ready_probe();
+        assert!(!probe.contains(&answer), "{probe} / {answer}");
+        assert!(
+            !probe.contains('\'') && !probe.contains('"'),
+            "no quotes: {probe}"
+        );
+        assert!(answer.starts_with("BERTH-RDY-"));
+        assert!(probe.ends_with('\n'));
+    }
 }
