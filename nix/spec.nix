@@ -178,6 +178,11 @@ let
           else { name = fields.${n}; value = v; })
         set));
 
+  # A guest's list option `field`: each element through `f index`.
+  listOf = guest: field: f: v:
+    if isList v then builtins.genList (i: f i (builtins.elemAt v i)) (builtins.length v)
+    else throw "berth (nix/spec.nix): guest ${guest}: ${field} must be a list";
+
   translateDisk = guest: i: d:
     translate "guest ${guest}: disks[${toString i}]" diskFields (_: plain) d;
 
@@ -187,28 +192,13 @@ let
     else
       translate "guest ${name}" guestFields
         (n: v:
-          if n == "disks" then
-            (if isList v then
-              builtins.genList (i: translateDisk name i (builtins.elemAt v i)) (builtins.length v)
-            else throw "berth (nix/spec.nix): guest ${name}: disks must be a list")
+          if n == "disks" then listOf name n (i: translateDisk name i) v
           else if n == "companions" then
-            (if isList v then
-              builtins.genList
-                (i: translateGuest "${name} companions[${toString i}]" (builtins.elemAt v i))
-                (builtins.length v)
-            else throw "berth (nix/spec.nix): guest ${name}: companions must be a list")
+            listOf name n (i: translateGuest "${name} companions[${toString i}]") v
           else if n == "nic" then
-            (if isList v then
-              builtins.genList
-                (i: translate "guest ${name}: nic[${toString i}]" nicFields (_: plain) (builtins.elemAt v i))
-                (builtins.length v)
-            else throw "berth (nix/spec.nix): guest ${name}: nic must be a list")
+            listOf name n (i: translate "guest ${name}: nic[${toString i}]" nicFields (_: plain)) v
           else if n == "binds" then
-            (if isList v then
-              builtins.genList
-                (i: translate "guest ${name}: binds[${toString i}]" bindFields (_: plain) (builtins.elemAt v i))
-                (builtins.length v)
-            else throw "berth (nix/spec.nix): guest ${name}: binds must be a list")
+            listOf name n (i: translate "guest ${name}: binds[${toString i}]" bindFields (_: plain)) v
           else if n == "health" then translate "guest ${name}: health" healthFields (_: plain) v
           else if n == "backup" then translate "guest ${name}: backup" backupFields (_: plain) v
           else if n == "seed" then translate "guest ${name}: seed" seedFields (_: plain) v

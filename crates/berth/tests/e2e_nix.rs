@@ -134,6 +134,20 @@ in derivation {{
     (top, big_path, sum)
 }
 
+/// `top` and `big` are valid in `guest`'s Nix store and `big` has the
+/// host's content.
+fn assert_arrived(b: &Berth, guest: &str, top: &str, big: &str, big_sum: &str) {
+    let check = b.cli(&["exec", guest, "--", "nix-store", "--verify-path", top, big]);
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let sum = b.cli_ok(&["exec", guest, "--", "sha256sum", big]);
+    assert_eq!(sum.split_whitespace().next(), Some(big_sum));
+}
+
 #[test]
 fn copy_closure_into_a_container_without_network() {
     if !require("copy_closure_into_a_container_without_network", CAPS) {
@@ -160,23 +174,7 @@ fn copy_closure_into_a_container_without_network() {
     assert!(v["bytes"].as_u64().unwrap_or(0) > 3 << 20, "{v}");
 
     // They arrived intact and are registered valid in the guest's store.
-    let check = b.cli(&[
-        "exec",
-        &name,
-        "--",
-        "nix-store",
-        "--verify-path",
-        &top,
-        &big,
-    ]);
-    assert_eq!(
-        check.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let sum = b.cli_ok(&["exec", &name, "--", "sha256sum", &big]);
-    assert_eq!(sum.split_whitespace().next(), Some(big_sum.as_str()));
+    assert_arrived(&b, &name, &top, &big, &big_sum);
     let refs = b.cli_ok(&["exec", &name, "--", "nix-store", "-q", "--references", &top]);
     assert!(refs.contains(&big), "{refs}");
 
@@ -390,23 +388,7 @@ fn copy_closure_into_a_vm_without_network() {
         ["agent", "exec-port", "console"].contains(&channel.as_str()),
         "{v}"
     );
-    let check = b.cli(&[
-        "exec",
-        &name,
-        "--",
-        "nix-store",
-        "--verify-path",
-        &top,
-        &big,
-    ]);
-    assert_eq!(
-        check.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let sum = b.cli_ok(&["exec", &name, "--", "sha256sum", &big]);
-    assert_eq!(sum.split_whitespace().next(), Some(big_sum.as_str()));
+    assert_arrived(&b, &name, &top, &big, &big_sum);
     let again = b.cli_ok(&["copy-closure", &name, &top]);
     assert!(again.contains("nothing to copy"), "{again}");
     eprintln!(
