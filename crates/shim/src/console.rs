@@ -321,8 +321,9 @@ impl Console {
 }
 
 /// The probe line typed before a console script and the answer it prints
-/// (which the typed line's own echo does not contain): `x=RDY; echo
-/// BERTH-$x-<nonce>` prints `BERTH-RDY-<nonce>`. The nonce is fresh, and
+/// (which the typed line's own echo does not contain): `echo
+/// BERTH-RD\Y-<nonce>` prints `BERTH-RDY-<nonce>`, without quotes (a lost
+/// line start cannot leave one open) or variables. The nonce is fresh, and
 /// never the script's end marker: a late answer to an earlier probe must
 /// not end the script's output early.
 fn ready_probe() -> (String, String) {
@@ -331,7 +332,7 @@ fn ready_probe() -> (String, String) {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     (
-        format!(" x=RDY; echo BERTH-$x-{nonce:x}\n"),
+        format!(" echo BERTH-RD\\Y-{nonce:x}\n"),
         format!("BERTH-RDY-{nonce:x}"),
     )
 }
