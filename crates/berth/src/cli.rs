@@ -296,28 +296,53 @@ fn print_json(v: &impl serde::Serialize) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Loads and validates; on failure prints every error and returns None.
-fn load(
-    file: &Path,
-) -> Result<std::result::Result<(berth_spec::Spec, berth_spec::Desired), Vec<String>>> {
-    let spec = match berth_spec::load(file) {
-        Ok(s) => s,
-        Err(e) => return Ok(Err(vec![e.to_string()])),
-    };
-    match berth_spec::validate(&spec, file, &berth_daemon::LocalProbe) {
-        Ok(d) => Ok(Ok((spec, d))),
-        Err(errs) => Ok(Err(errs.iter().map(|e| e.to_string()).collect())),
+/// Why a spec file cannot be used: the file could not be read or
+/// evaluated at all (one error), or its content has these errors.
+enum Rejected {
+    Unreadable(String),
+    Invalid(Vec<String>),
+}
+
+impl Rejected {
+    fn errors(&self) -> Vec<String> {
+        match self {
+            Rejected::Unreadable(e) => vec![e.clone()],
+            Rejected::Invalid(errs) => errs.clone(),
+        }
     }
 }
 
-fn report_invalid(file: &Path, errors: &[String]) -> Result<ExitCode> {
-    eprintln!(
-        "error: {} is not a valid spec ({} error{}):",
-        file.display(),
-        errors.len(),
-        if errors.len() == 1 { "" } else { "s" }
-    );
-    for e in errors {
+/// Loads and validates.
+fn load(
+    file: &Path,
+) -> Result<std::result::Result<(berth_spec::Spec, berth_spec::Desired), Rejected>> {
+    let spec = match berth_spec::load(file) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(Rejected::Unreadable(e.to_string()))),
+    };
+    match berth_spec::validate(&spec, file, &berth_daemon::LocalProbe) {
+        Ok(d) => Ok(Ok((spec, d))),
+        Err(errs) => Ok(Err(Rejected::Invalid(
+            errs.iter().map(|e| e.to_string()).collect(),
+        ))),
+    }
+}
+
+/// Prints why `file` was rejected: every error, under one heading.
+fn report_invalid(file: &Path, rejected: &Rejected) -> Result<ExitCode> {
+    let errors = rejected.errors();
+    match rejected {
+        // Missing Nix, a syntax error, an unreadable file: the spec's
+        // content was never looked at, so do not call it invalid.
+        Rejected::Unreadable(_) => eprintln!("error: cannot load {}:", file.display()),
+        Rejected::Invalid(_) => eprintln!(
+            "error: {} is not a valid spec ({} error{}):",
+            file.display(),
+            errors.len(),
+            if errors.len() == 1 { "" } else { "s" }
+        ),
+    }
+    for e in &errors {
         eprintln!("  {e}");
     }
     Ok(ExitCode::FAILURE)
@@ -328,7 +353,7 @@ fn validate(file: &Path, json: bool) -> Result<ExitCode> {
     if json {
         let (ok, errors, guests) = match &res {
             Ok((_, d)) => (true, vec![], d.guests.len()),
-            Err(e) => (false, e.clone(), 0),
+            Err(e) => (false, e.errors(), 0),
         };
         println!(
             "{}",

@@ -498,6 +498,10 @@ fn nix_spec_without_nix_says_how_to_get_it() {
             "one error: {err}"
         );
         assert_eq!(err.matches("nix-instantiate not found").count(), 1, "{err}");
+        assert!(
+            err.starts_with("error: cannot load") && !err.contains("not a valid spec"),
+            "the spec was never looked at: {err}"
+        );
     }
     assert!(!dir.path().join("state").exists(), "state was written");
 }
