@@ -98,11 +98,7 @@ impl Layout {
     /// This host's layout with the parents of guest `name`'s groups
     /// ([`guest_parent`]).
     pub fn for_guest(name: &str) -> Layout {
-        let parent = guest_parent(
-            std::env::var("BERTH_CGROUP_PARENT").ok().as_deref(),
-            crate::nspawn::systemd_available(),
-            name,
-        );
+        let parent = host_guest_parent(name);
         Layout {
             v2_parent: parent.clone(),
             v1_memory_parent: parent.clone(),
@@ -147,16 +143,24 @@ pub fn guest_parent(explicit: Option<&str>, systemd: bool, guest: &str) -> PathB
     }
 }
 
-/// The cgroup2 path of guest `guest`'s scope, if this host runs systemd,
-/// has cgroup2 and no `BERTH_CGROUP_PARENT` is set.
+/// [`guest_parent`] on this host: `BERTH_CGROUP_PARENT` from the
+/// environment, systemd as detected.
+fn host_guest_parent(guest: &str) -> PathBuf {
+    guest_parent(
+        std::env::var("BERTH_CGROUP_PARENT").ok().as_deref(),
+        crate::nspawn::systemd_available(),
+        guest,
+    )
+}
+
+/// The cgroup2 path of guest `guest`'s scope, if this host puts guests in
+/// scopes ([`guest_parent`]) and has cgroup2.
 pub fn scope_dir(guest: &str) -> Option<PathBuf> {
-    if std::env::var("BERTH_CGROUP_PARENT").is_ok_and(|p| !p.trim().is_empty())
-        || !crate::nspawn::systemd_available()
-    {
+    let parent = host_guest_parent(guest);
+    if parent != Path::new(GUEST_SLICE).join(guest_scope(guest)) {
         return None;
     }
-    let l = Layout::detect();
-    l.v2.map(|r| r.join(GUEST_SLICE).join(guest_scope(guest)))
+    Layout::detect().v2.map(|r| r.join(parent))
 }
 
 /// Whether a supervisor for `guest` must ask systemd for a new scope
@@ -461,6 +465,7 @@ impl Cgroup {
 /// paths removed. Under systemd each guest's scope has its own `berth/`,
 /// which systemd removes with the scope.
 pub fn remove_parents_if_empty() -> Vec<PathBuf> {
+    // The parent every guest shares: BERTH_CGROUP_PARENT, else the root.
     let parent = guest_parent(
         std::env::var("BERTH_CGROUP_PARENT").ok().as_deref(),
         false,
